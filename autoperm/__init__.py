@@ -1,0 +1,26 @@
+"""autoperm: compile the permutation symmetries of any PyTorch model, and use them.
+
+Public API (see docs/api.md)::
+
+    spec = autoperm.trace(model, example_inputs)          # PermutationSpec, verified
+    perms = autoperm.random_permutation(spec, seed=0)     # {group name: LongTensor}
+    model_p = autoperm.permute(model, spec, perms)        # new module, same function
+"""
+
+from .api import trace
+from .errors import (AnalysisError, AutopermError, ExampleInputError, PermutationError, ShapeMismatchError,
+                     SpecError, TraceError, UnsoundSpecError, UnsupportedOpError)
+from .permute import compose, identity_permutation, invert, permute, permute_state_dict, random_permutation
+from .rules import RULES, RuleContext, register_rule
+from .spec import Axis, Frozen, PermGroup, PermutationSpec
+from .verify import check_equivalence, perturbed, verify_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
+    "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",
+    "check_equivalence", "verify_spec", "perturbed", "AutopermError", "TraceError", "ExampleInputError",
+    "UnsupportedOpError", "AnalysisError", "SpecError", "ShapeMismatchError", "PermutationError",
+    "UnsoundSpecError", "__version__",
+]

@@ -1,0 +1,27 @@
+"""Command line: ``python -m autoperm demo`` (also installed as the ``autoperm`` script)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autoperm", description="Compile and use the permutation "
+                                     "symmetries of PyTorch models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="trace a built-in residual CNN, print its spec table, write its graph")
+    demo.add_argument("--out", default="autoperm_demo", help="output folder (default: autoperm_demo)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if args.command == "demo":
+        from .demo import run_demo
+
+        print(run_demo(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

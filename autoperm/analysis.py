@@ -1,0 +1,193 @@
+"""THE PASS: a `TracedGraph` through the rules into a union-find, then a `PermutationSpec`.
+
+For every node in topological order the pass makes one atom per dim of each tensor value
+(`autoperm.ir`), asks the rule registered for the node's op (`autoperm.rules`) for constraints
+and applies them. Then:
+
+* graph inputs and outputs are frozen (the model's interface never changes);
+* a node whose op has no rule freezes every atom it touches, with the reason
+  (``"no rule for aten.roll.default at layer3.0 (model.py:88)"``);
+* placeholders without a state_dict key (non-persistent buffers, lifted constants) and
+  parameters the forward never uses are frozen with that reason;
+* tied weights (one storage, several names) are joined dim by dim.
+
+Each remaining leaf class that touches a state_dict tensor is a `PermGroup`; each place it does
+is an `Axis` with its layout. The spec is validated before it is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+
+from . import rules as _rules  # noqa: F401  (registers the built-in rules)
+from .errors import AnalysisError, UnsupportedOpError
+from .frontend import TracedGraph, node_origin
+from .ir import AtomTable
+from .rules.base import RuleContext, op_name, rule_for, sizes_of
+from .spec import Axis, Frozen, PermGroup, PermutationSpec
+
+__all__ = ["analyze", "IGNORED_OPS"]
+
+log = logging.getLogger(__name__)
+
+# Ops that produce no tensor and change no value: shape queries and runtime assertions.
+IGNORED_OPS = {
+    "sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert_tensor_metadata",
+    "_assert_scalar", "_assert_async", "sym_constrain_range", "sym_constrain_range_for_size",
+    "_functional_assert_async", "_functional_sym_constrain_range",
+}
+
+
+def _fresh(table: AtomTable, val: Any) -> Any:
+    """Atoms for a node's meta value: a list per tensor, a list of those for tuples."""
+    if isinstance(val, torch.Tensor):
+        return [table.new(s) for s in sizes_of(val)]
+    if isinstance(val, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in val):
+        return [_fresh(table, v) for v in val]
+    return None
+
+
+def _flat(atoms: Any) -> list[int]:
+    if atoms is None:
+        return []
+    if isinstance(atoms, list) and all(isinstance(a, int) for a in atoms):
+        return list(atoms)
+    return [a for x in atoms for a in _flat(x)]
+
+
+def _node_tensors(node: torch.fx.Node, values: dict) -> list[int]:
+    out: list[int] = []
+    for a in node.all_input_nodes:
+        out += _flat(values.get(a))
+    return out
+
+
+def _packet_name(target: Any) -> str:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") if packet is not None else ""
+
+
+def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Counter) -> None:
+    for node in tg.graph.nodes:
+        if node.op == "placeholder":
+            values[node] = _fresh(table, node.meta.get("val"))
+            continue
+        if node.op == "output":
+            for a in _flat([values.get(n) for n in node.all_input_nodes]):
+                table.freeze(a, "model output")
+            continue
+        values[node] = _fresh(table, node.meta.get("val"))
+        origin = node_origin(node)
+        entry = rule_for(node.target) if node.op == "call_function" else None
+        if entry is None:
+            touched = _node_tensors(node, values) + _flat(values[node])
+            if not touched or _packet_name(node.target) in IGNORED_OPS:
+                continue
+            name = op_name(node.target)
+            unsupported[name] += 1
+            for a in touched:
+                table.freeze(a, f"no rule for {name} at {origin}")
+            continue
+        ctx = RuleContext(node, table, values, origin)
+        try:
+            constraints = list(entry.fn(ctx))
+            for c in constraints:
+                table.apply(c)
+        except AnalysisError as e:
+            raise AnalysisError(f"rule {entry.fn.__name__} for {op_name(node.target)} at {origin}: {e}") from e
+        except Exception as e:
+            raise AnalysisError(f"rule {entry.fn.__name__} failed on {op_name(node.target)} at {origin}: "
+                                f"{type(e).__name__}: {e}") from e
+
+
+def _freeze_interface(tg: TracedGraph, table: AtomTable, values: dict) -> None:
+    by_name = {n.name: n for n in tg.graph.nodes if n.op == "placeholder"}
+    for name in tg.user_inputs:
+        for a in _flat(values.get(by_name[name])):
+            table.freeze(a, "model input")
+    for name, why in tg.keyless.items():
+        for a in _flat(values.get(by_name[name])):
+            table.freeze(a, why)
+    canon_of = {alias: c for c, aliases in tg.tied.items() for alias in aliases} | {c: c for c in tg.tied}
+    used_storage = {canon_of.get(key, key) for name, key in tg.state_keys.items() if by_name[name].users}
+    for name, key in tg.state_keys.items():
+        if canon_of.get(key, key) not in used_storage:
+            for a in _flat(values.get(by_name[name])):
+                table.freeze(a, "unused in the traced forward")
+    # tied weights exported as several placeholders: one tensor, so one set of atoms
+    first: dict[str, list[int]] = {}
+    for name, key in tg.state_keys.items():
+        c = canon_of.get(key)
+        if c is None:
+            continue
+        atoms = values.get(by_name[name])
+        if c in first:
+            for a, b in zip(first[c], atoms, strict=True):
+                table.tie(a, b)
+        else:
+            first[c] = atoms
+
+
+def _emit(tg: TracedGraph, table: AtomTable, values: dict) -> PermutationSpec:
+    frozen_map = table.frozen_closure()
+    by_name = {n.name: n for n in tg.graph.nodes if n.op == "placeholder"}
+    aliases = {a for names in tg.tied.values() for a in names}
+    axes: dict[int, list[Axis]] = {}
+    sizes: dict[int, int] = {}
+    frozen: list[Frozen] = []
+    seen: set[str] = set()
+    for name, key in tg.state_keys.items():
+        if key in seen or key in aliases:
+            continue
+        seen.add(key)
+        for dim, atom in enumerate(values.get(by_name[name]) or []):
+            for blk in table.blocks(atom, frozen_map):
+                if blk.size < 2:
+                    continue
+                if blk.frozen is not None:
+                    frozen.append(Frozen(key, dim, blk.size, blk.frozen, blk.offset, blk.outer, blk.inner))
+                else:
+                    axes.setdefault(blk.leaf, []).append(Axis(key, dim, blk.offset, blk.outer, blk.inner))
+                    sizes[blk.leaf] = blk.size
+    for key, shape in tg.shapes.items():
+        if key not in seen and key not in aliases:
+            frozen += [Frozen(key, d, s, "unused in the traced forward") for d, s in enumerate(shape) if s >= 2]
+    groups, used = [], Counter()
+    for leaf, ax in axes.items():
+        base = ax[0].tensor.rsplit(".", 1)[0] if "." in ax[0].tensor else ax[0].tensor
+        used[base] += 1
+        name = base if used[base] == 1 else f"{base}#{used[base] - 1}"
+        groups.append(PermGroup(name, sizes[leaf], ax))
+    return PermutationSpec(groups, frozen, dict(tg.shapes), {k: list(v) for k, v in tg.tied.items()})
+
+
+def analyze(tg: TracedGraph, *, strict: bool = False) -> PermutationSpec:
+    """Compile the permutation spec of a traced graph.
+
+    With ``strict=True`` an op without a rule raises `UnsupportedOpError` instead of freezing.
+
+    Example::
+
+        tg = capture(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(2, 4))
+        spec = analyze(tg)
+        [(g.name, g.size) for g in spec.groups]    # [('0', 8)]
+    """
+    table = AtomTable()
+    values: dict[torch.fx.Node, Any] = {}
+    unsupported: Counter = Counter()
+    _run_rules(tg, table, values, unsupported)
+    if strict and unsupported:
+        raise UnsupportedOpError(
+            f"no permutation rule for {sorted(unsupported)}; register one with "
+            "@autoperm.register_rule(op), or pass strict=False to freeze the dims they touch")
+    _freeze_interface(tg, table, values)
+    spec = _emit(tg, table, values)
+    spec.meta.update({"frontend": tg.frontend, "dynamic_batch": tg.dynamic_batch,
+                      "torch": torch.__version__, "unsupported_ops": dict(unsupported)})
+    for op, n in unsupported.items():
+        log.info("no rule for %s (%d nodes): its dims were frozen", op, n)
+    return spec.validate()

@@ -1,0 +1,195 @@
+"""The frontend: capture a model as ONE ATen-level graph with torch.export.
+
+`capture(model, example_inputs)` deep-copies the model, puts the copy in eval mode, exports it
+with ``torch.export.export(strict=False)`` and a dynamic batch dimension (so views and reshapes
+do not bake in the example's batch size), then functionalizes with
+``run_decompositions({})``. The rules are keyed on what that produces: functional ATen ops
+(``aten.conv2d``, ``aten.linear``, ``aten.layer_norm``, ``aten.scaled_dot_product_attention``,
+``aten._native_batch_norm_legit_no_training`` + ``getitem``, ``aten.view`` for flatten, no
+in-place variants, no dropout).
+
+The result, a `TracedGraph`, maps graph placeholders to state_dict keys, knows which
+placeholders have no key (non-persistent buffers, lifted constants), which names are tied to one
+storage, and where each node came from (module path, source line) for messages.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ExampleInputError, TraceError
+
+__all__ = ["TracedGraph", "capture", "normalize_inputs", "node_origin"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TracedGraph:
+    """An exported, functionalized ATen graph plus what the analysis needs to name tensors."""
+
+    graph_module: torch.fx.GraphModule
+    state_keys: dict[str, str]          # placeholder name -> state_dict key (params, persistent buffers)
+    keyless: dict[str, str]             # placeholder name -> why it has no state_dict key
+    user_inputs: list[str]              # placeholder names of the forward's tensor arguments
+    shapes: dict[str, tuple[int, ...]]  # state_dict key -> shape, for every key of the model
+    tied: dict[str, list[str]] = field(default_factory=dict)
+    frontend: str = "torch.export"
+    dynamic_batch: bool = True
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Example inputs as a tuple of tensors (a Tensor, or a tuple / list of Tensors)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+            isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise ExampleInputError(
+        "example_inputs must be a Tensor or a non-empty tuple of Tensors (the forward's positional "
+        f"arguments); got {type(example_inputs).__name__}")
+
+
+def node_origin(node: torch.fx.Node) -> str:
+    """Where a graph node came from: ``"layer3.0 (model.py:88)"`` as far as known."""
+    parts = []
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        parts.append(path.replace("L['self'].", "").replace("L__self__.", "") or "<root>")
+    trace = node.meta.get("stack_trace")
+    if trace:
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+        user = [ln for ln in lines if "/torch/" not in ln]
+        lines = user or lines
+        if lines:
+            loc = lines[-1].split(",")
+            fname = loc[0].replace("File ", "").strip().strip('"').rsplit("/", 1)[-1]
+            line = loc[1].strip().replace("line ", "") if len(loc) > 1 else "?"
+            parts.append(f"({fname}:{line})")
+    return " ".join(parts) if parts else node.name
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Canonical name -> other names, for tensors registered under several names."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        by_id.setdefault(id(t), []).append(name)
+    return {names[0]: names[1:] for names in by_id.values() if len(names) > 1}
+
+
+def _batched(inputs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """Inputs whose batch dim can be exported as dynamic: a batch of 1 is repeated to 2."""
+    if any(t.dim() == 0 for t in inputs):
+        return inputs, False
+    sizes = {t.shape[0] for t in inputs}
+    if len(sizes) != 1:
+        return inputs, False
+    if sizes == {1}:
+        inputs = tuple(t.expand(2, *t.shape[1:]).clone() for t in inputs)
+    return inputs, True
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch, as ``file:line (code)``."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/autoperm/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic: bool):
+    dyn = tuple({0: torch.export.Dim.AUTO} for _ in inputs) if dynamic else None
+    return torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)
+
+
+def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
+    """Export a deep copy of ``model`` in eval mode; the caller's model is never touched.
+
+    Example::
+
+        tg = capture(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), torch.randn(2, 4))
+        tg.state_keys   # {'p_0_weight': '0.weight', 'p_0_bias': '0.bias'}
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = normalize_inputs(example_inputs)
+    work = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            work(*inputs)
+    except Exception as e:
+        shapes = [tuple(t.shape) for t in inputs]
+        raise ExampleInputError(
+            f"the model raised when called on the example inputs (shapes {shapes}): "
+            f"{type(e).__name__}: {e}. Pass inputs the model's forward accepts.") from e
+    batched, dynamic = _batched(inputs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        ep, dynamic = _export_program(model, work, inputs, batched, dynamic)
+    return _wrap(ep, model, dynamic)
+
+
+def _export_program(model: nn.Module, work: nn.Module, inputs, batched, dynamic: bool):
+    try:
+        try:
+            ep = _export(work, batched, dynamic)
+        except Exception as first:  # a dynamic batch can fail where a static one works
+            if not dynamic:
+                raise
+            log.info("export with a dynamic batch failed (%s); retrying with a static batch",
+                     str(first).splitlines()[0] if str(first) else type(first).__name__)
+            ep, dynamic = _export(work, inputs, False), False
+        ep = ep.run_decompositions({})
+    except Exception as e:
+        head = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise TraceError(
+            f"torch.export could not capture {type(model).__name__}{_user_frame(e)}: "
+            f"{type(e).__name__}: {head}. autoperm needs a graph without data-dependent control "
+            "flow: replace Python branches on tensor values with torch.where / torch.cond, or "
+            "trace a submodule that has none.") from e
+    return ep, dynamic
+
+
+def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:
+    from torch.export.graph_signature import InputKind
+
+    sd = model.state_dict()
+    state_keys: dict[str, str] = {}
+    keyless: dict[str, str] = {}
+    user_inputs: list[str] = []
+    for spec in ep.graph_signature.input_specs:
+        name = spec.arg.name
+        if spec.kind == InputKind.USER_INPUT:
+            user_inputs.append(name)
+        elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in sd:
+            state_keys[name] = spec.target
+        elif spec.kind == InputKind.BUFFER:
+            keyless[name] = f"non-persistent buffer {spec.target!r} has no state_dict key"
+        else:
+            keyless[name] = f"{spec.kind.name.lower()} {spec.target!r} has no state_dict key"
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    has_users = {n.name for n in ep.graph_module.graph.nodes if n.op == "placeholder" and n.users}
+    used = {key for name, key in state_keys.items() if name in has_users}
+    tied = {}
+    for first, rest in _tied_names(model).items():
+        names = [first, *rest]
+        canon = next((n for n in names if n in used), first)
+        tied[canon] = [n for n in names if n != canon]
+    return TracedGraph(ep.graph_module, state_keys, keyless, user_inputs, shapes, tied,
+                       "torch.export", dynamic)

@@ -1,0 +1,283 @@
+"""The output IR: `Axis`, `PermGroup`, `Frozen` and `PermutationSpec`.
+
+A *group* is one permutation of ``size`` hidden units. Each place where the group touches a
+tensor of the model's ``state_dict`` is an `Axis`. An axis moves a *block* of slots of one dim:
+the ``outer * size * inner`` slots starting at ``offset``, viewed as ``(outer, size, inner)``;
+the group permutes the middle factor. That one layout expresses
+
+* a whole dim: ``Axis("fc1.weight", 0)``;
+* the channel atom of a flattened ``C*H*W`` input: ``Axis("fc.weight", 1, inner=H*W)``;
+* a slice of a concatenation: ``Axis("fc.weight", 1, offset=32)`` (and ``size`` 16, say);
+* timm-style fused ``(3, heads, head_dim)`` projections: ``Axis("qkv.weight", 0, outer=3,
+  inner=head_dim)`` for the heads group.
+
+Slots that may not move are listed in `PermutationSpec.frozen`, each with a reason.
+A permutation ``p`` acts by gather: ``new[i] = old[p[i]]`` along the group's slots.
+
+Worked example, the spec of ``Sequential(Linear(4, 8), ReLU(), Linear(8, 3))``::
+
+    group "0" (size 8): 0.weight dim 0, 0.bias dim 0, 2.weight dim 1
+    frozen: 0.weight dim 1 (model input), 2.weight dim 0 and 2.bias dim 0 (model output)
+
+*Hierarchical groups* (one permutation per slot of a parent group, e.g. per-head head_dim)
+are part of the data model through `PermGroup.parent`; the compiler does not emit them yet and
+`validate` rejects them until the back ends support them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import ShapeMismatchError, SpecError
+
+__all__ = ["Axis", "Frozen", "PermGroup", "PermutationSpec", "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+_FORMAT_NAME = "autoperm.PermutationSpec"
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Where a group acts: slots ``offset .. offset + outer*size*inner`` of ``tensor``'s ``dim``,
+    viewed as ``(outer, size, inner)``; the group permutes the middle factor.
+
+    Example: ``Axis("fc.weight", 1, inner=16)`` for a 4-channel ``(4, 4, 4)`` map flattened into
+    ``fc``: each channel is a block of 16 consecutive input features.
+    """
+
+    tensor: str
+    dim: int
+    offset: int = 0
+    outer: int = 1
+    inner: int = 1
+
+    def extent(self, size: int) -> int:
+        """Number of slots of ``dim`` this axis covers, for a group of ``size``."""
+        return self.outer * size * self.inner
+
+    def describe(self, size: int) -> str:
+        """Short layout text: ``""`` for a whole dim, else ``"[offset:end] (outer,size,inner)"``."""
+        if self.offset == 0 and self.outer == 1 and self.inner == 1:
+            return ""
+        end = self.offset + self.extent(size)
+        return f"[{self.offset}:{end}] as ({self.outer},{size},{self.inner})"
+
+
+@dataclass(frozen=True)
+class Frozen:
+    """Slots of a tensor dim that no permutation may move, and why (same layout as `Axis`)."""
+
+    tensor: str
+    dim: int
+    size: int
+    reason: str
+    offset: int = 0
+    outer: int = 1
+    inner: int = 1
+
+    def extent(self) -> int:
+        return self.outer * self.size * self.inner
+
+
+@dataclass
+class PermGroup:
+    """One permutation of ``size`` units and every place (`Axis`) it acts on.
+
+    ``parent`` is reserved for hierarchical groups (one permutation of ``size`` per slot of the
+    parent group); it is ``None`` for every group the compiler emits today.
+    """
+
+    name: str
+    size: int
+    axes: list[Axis] = field(default_factory=list)
+    parent: str | None = None
+
+
+@dataclass
+class PermutationSpec:
+    """The permutation symmetries of a model, as compiled by `autoperm.trace`.
+
+    ``groups`` are the permutable hidden-unit groups; ``frozen`` the parameter slots that must
+    stay in place, each with a reason; ``shapes`` the shape of every state_dict tensor the spec
+    was compiled against; ``tied`` maps a canonical tensor name to the other names of the same
+    storage (tied weights), which `permute` keeps identical.
+    """
+
+    groups: list[PermGroup]
+    frozen: list[Frozen] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    tied: dict[str, list[str]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- access
+    def group(self, name: str) -> PermGroup:
+        """The group called ``name`` (raises `SpecError` naming the known groups otherwise)."""
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise SpecError(f"no group named {name!r}; groups are {[g.name for g in self.groups]}")
+
+    def axes_of(self, tensor: str) -> list[tuple[PermGroup, Axis]]:
+        """Every (group, axis) pair acting on ``tensor``."""
+        return [(g, a) for g in self.groups for a in g.axes if a.tensor == tensor]
+
+    def frozen_of(self, tensor: str) -> list[Frozen]:
+        return [f for f in self.frozen if f.tensor == tensor]
+
+    def frozen_reasons(self) -> dict[str, int]:
+        """How many frozen entries each reason accounts for."""
+        counts: dict[str, int] = {}
+        for f in self.frozen:
+            counts[f.reason] = counts.get(f.reason, 0) + 1
+        return counts
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> "PermutationSpec":
+        """Check the invariants; raise `SpecError` naming the first violation; return ``self``.
+
+        Per group: a unique name, ``size >= 1``, no parent (not supported yet). Per axis and
+        frozen entry: the tensor is known, the dim exists, the block fits in the dim. Per slot
+        and factor: no two entries (axes of any groups, or an axis and a frozen entry) move the
+        same slots along overlapping factors. Several groups may share a dim when they act on
+        different slots (cat slices) or on different factors (a flattened ``C x H*W``).
+        """
+        names = [g.name for g in self.groups]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise SpecError(f"group names must be unique; repeated: {sorted(dup)}")
+        entries: dict[tuple[str, int], list[tuple[str, int, int, int, int]]] = {}
+        for g in self.groups:
+            if g.size < 1:
+                raise SpecError(f"group {g.name!r} has size {g.size}; sizes must be >= 1")
+            if g.parent is not None:
+                raise SpecError(f"group {g.name!r} has a parent; hierarchical groups are not supported yet")
+            for a in g.axes:
+                self._check_block(f"group {g.name!r}", a.tensor, a.dim, a.offset, a.extent(g.size))
+                entries.setdefault((a.tensor, a.dim), []).append(
+                    (f"group {g.name!r}", a.offset, a.outer, g.size, a.inner))
+        for f in self.frozen:
+            self._check_block(f"frozen entry ({f.reason})", f.tensor, f.dim, f.offset, f.extent())
+            entries.setdefault((f.tensor, f.dim), []).append(
+                (f"frozen ({f.reason})", f.offset, f.outer, f.size, f.inner))
+        for (tensor, dim), items in entries.items():
+            _check_overlaps(tensor, dim, items)
+        aliases = {a for names_ in self.tied.values() for a in names_}
+        for g in self.groups:
+            for a in g.axes:
+                if a.tensor in aliases:
+                    raise SpecError(f"group {g.name!r} names tied alias {a.tensor!r}; use its canonical name")
+        return self
+
+    def _check_block(self, who: str, tensor: str, dim: int, offset: int, extent: int) -> None:
+        if self.shapes and tensor not in self.shapes:
+            raise SpecError(f"{who} names tensor {tensor!r}, which is not in the spec's shapes")
+        if not self.shapes:
+            return
+        shape = self.shapes[tensor]
+        if not 0 <= dim < len(shape):
+            raise SpecError(f"{who}: {tensor!r} has {len(shape)} dims, no dim {dim}")
+        if offset < 0 or offset + extent > shape[dim]:
+            raise SpecError(f"{who}: slots {offset}:{offset + extent} do not fit dim {dim} of "
+                            f"{tensor!r} (size {shape[dim]})")
+
+    def check_model(self, state_dict: dict[str, Any]) -> None:
+        """Raise `ShapeMismatchError` naming the first tensor of the spec that ``state_dict``
+        lacks or holds with another shape."""
+        for name, shape in self.shapes.items():
+            if name not in state_dict:
+                raise ShapeMismatchError(f"the spec names tensor {name!r}, which the model lacks")
+            got = tuple(state_dict[name].shape)
+            if got != tuple(shape):
+                raise ShapeMismatchError(
+                    f"tensor {name!r} has shape {list(got)} in the model but {list(shape)} in the spec")
+
+    # ----------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with a format name and version (no pickle)."""
+        return {
+            "format": _FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "groups": [{"name": g.name, "size": g.size, "parent": g.parent,
+                        "axes": [asdict(a) for a in g.axes]} for g in self.groups],
+            "frozen": [asdict(f) for f in self.frozen],
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "tied": {k: list(v) for k, v in self.tied.items()},
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PermutationSpec":
+        if data.get("format") != _FORMAT_NAME:
+            raise SpecError(f"not an autoperm spec (format field is {data.get('format')!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise SpecError(f"spec format version {data.get('version')!r} is not supported; "
+                            f"this autoperm reads version {FORMAT_VERSION}")
+        try:
+            groups = [PermGroup(g["name"], int(g["size"]), [Axis(**a) for a in g["axes"]], g.get("parent"))
+                      for g in data["groups"]]
+            frozen = [Frozen(**f) for f in data.get("frozen", [])]
+        except (KeyError, TypeError) as e:
+            raise SpecError(f"malformed spec JSON: {e!r}") from e
+        shapes = {k: tuple(int(s) for s in v) for k, v in data.get("shapes", {}).items()}
+        spec = cls(groups, frozen, shapes, {k: list(v) for k, v in data.get("tied", {}).items()},
+                   dict(data.get("meta", {})))
+        return spec.validate()
+
+    def save(self, path: str | Path) -> None:
+        """Write the spec as JSON to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path, model: Any = None) -> "PermutationSpec":
+        """Read a spec written by `save`; with ``model`` (an ``nn.Module`` or a state_dict),
+        check that it fits and name the first mismatching tensor or size."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}: not valid JSON ({e})") from e
+        spec = cls.from_dict(data)
+        if model is not None:
+            sd = model.state_dict() if hasattr(model, "state_dict") else model
+            spec.check_model(sd)
+        return spec
+
+    # ----------------------------------------------------------------- views
+    def table(self) -> str:
+        """A printable per-tensor table: key, shape and the group on each dim."""
+        from .viz import format_table
+
+        return format_table(self)
+
+    def to_networkx(self):  # -> networkx.Graph
+        """The spec as a networkx graph (group and tensor nodes, one edge per axis)."""
+        from .viz import to_networkx
+
+        return to_networkx(self)
+
+    def to_dot(self):  # -> pydot.Dot
+        """The spec as a pydot graph, one colour per group; frozen dims listed on tensors."""
+        from .viz import to_dot
+
+        return to_dot(self)
+
+    def __repr__(self) -> str:
+        return (f"PermutationSpec({len(self.groups)} groups, {len(self.frozen)} frozen entries, "
+                f"{len(self.shapes)} tensors)")
+
+
+def _check_overlaps(tensor: str, dim: int, items: Iterable[tuple[str, int, int, int, int]]) -> None:
+    """Two entries on one dim conflict when their slot ranges intersect and their factor ranges
+    ``[inner, inner*size)`` overlap (the same slots moved at the same level)."""
+    items = list(items)
+    for i, (w1, o1, out1, s1, in1) in enumerate(items):
+        for w2, o2, out2, s2, in2 in items[i + 1:]:
+            e1, e2 = o1 + out1 * s1 * in1, o2 + out2 * s2 * in2
+            if e1 <= o2 or e2 <= o1:
+                continue
+            if in1 * s1 <= in2 or in2 * s2 <= in1:
+                continue
+            raise SpecError(f"{w1} and {w2} both act on slots of {tensor!r} dim {dim} "
+                            f"({o1}:{e1} and {o2}:{e2}) along the same factor")

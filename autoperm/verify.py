@@ -1,0 +1,129 @@
+"""The check: permuted model == model, in float64, on example inputs.
+
+`check_equivalence` is the one function used by ``trace(verify=True)``, the tests and the
+examples. It is a check on examples, not a proof: soundness comes from the rules.
+
+`perturbed` returns a float64 copy of a model with every floating-point parameter and buffer
+changed by a random factor (and all-zero tensors filled with small noise), so that a rule which
+forgets a tensor cannot hide behind BatchNorm's default statistics (0 and 1) or a constant layer
+scale. Signs are kept, so running variances stay positive.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .errors import UnsoundSpecError
+from .permute import identity_permutation, permute, random_permutation
+from .spec import PermutationSpec
+
+__all__ = ["perturbed", "output_error", "check_equivalence", "verify_spec", "to_float64"]
+
+log = logging.getLogger(__name__)
+
+
+def to_float64(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.double() if t.is_floating_point() else t for t in inputs)
+
+
+@torch.no_grad()
+def perturbed(model: nn.Module, seed: int = 0, *, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """A copy of ``model`` in ``dtype`` with every float parameter and buffer randomized."""
+    gen = torch.Generator().manual_seed(int(seed))
+    out = copy.deepcopy(model).to(dtype).eval()
+    seen: set[int] = set()
+    for t in list(out.parameters()) + list(out.buffers()):
+        if id(t) in seen or not t.is_floating_point():
+            continue
+        seen.add(id(t))
+        factor = 0.5 + torch.rand(t.shape, generator=gen, dtype=dtype)
+        if bool((t == 0).all()):
+            t.copy_(0.1 * torch.randn(t.shape, generator=gen, dtype=dtype))
+        else:
+            t.mul_(factor.to(t.device))
+    return out
+
+
+@torch.no_grad()
+def output_error(ref: Any, got: Any) -> float:
+    """Largest absolute difference over the output leaves, relative to the largest |ref|."""
+    ra = [t for t in tree_leaves(ref) if isinstance(t, torch.Tensor)]
+    ga = [t for t in tree_leaves(got) if isinstance(t, torch.Tensor)]
+    if len(ra) != len(ga):
+        return float("inf")
+    err, scale = 0.0, 0.0
+    for r, g in zip(ra, ga):
+        if r.shape != g.shape:
+            return float("inf")
+        if not r.is_floating_point():
+            err = max(err, 0.0 if torch.equal(r, g) else float("inf"))
+            continue
+        err = max(err, (r.double() - g.double()).abs().max().item() if r.numel() else 0.0)
+        scale = max(scale, r.double().abs().max().item() if r.numel() else 0.0)
+    return err / max(scale, 1e-12)
+
+
+@torch.no_grad()
+def check_equivalence(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
+                      inputs: Sequence[torch.Tensor]) -> float:
+    """Relative output error of ``permute(model, spec, perms)`` against ``model`` on ``inputs``.
+
+    Run in the model's own dtype; pass a float64 model (`perturbed`) for a tight check.
+    """
+    ref = model(*inputs)
+    got = permute(model, spec, perms)(*inputs)
+    return output_error(ref, got)
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_spec` measured: the error with all groups permuted, and per failing group."""
+
+    error: float
+    failing: dict[str, float]
+    tolerance: float
+
+
+def verify_spec(model: nn.Module, spec: PermutationSpec, inputs: Sequence[torch.Tensor], *,
+                seed: int = 0, tolerance: float = 1e-7, raise_on_failure: bool = True) -> VerifyReport:
+    """Check ``spec`` on a perturbed float64 copy of ``model`` with no-fixed-point permutations.
+
+    All groups are permuted at once; if the output changes, each group is checked alone so that
+    the error names the group(s) at fault. Raises `UnsoundSpecError` unless
+    ``raise_on_failure=False``.
+    """
+    m64 = perturbed(model, seed)
+    x64 = to_float64(inputs)
+    ref = m64(*x64)
+    if not all(torch.isfinite(t).all() for t in tree_leaves(ref) if isinstance(t, torch.Tensor)
+               and t.is_floating_point()):
+        log.warning("perturbed model gives non-finite outputs; checking the unperturbed float64 model")
+        m64 = copy.deepcopy(model).double().eval()
+    perms = random_permutation(spec, seed, derangement=True)
+    err = check_equivalence(m64, spec, perms, x64)
+    failing: dict[str, float] = {}
+    if not err <= tolerance:
+        ident = identity_permutation(spec)
+        for g in spec.groups:
+            one = dict(ident)
+            one[g.name] = perms[g.name]
+            e = check_equivalence(m64, spec, one, x64)
+            if not e <= tolerance:
+                failing[g.name] = e
+    report = VerifyReport(err, failing, tolerance)
+    if raise_on_failure and not err <= tolerance:
+        detail = "; ".join(f"group {n!r} ({spec.group(n).size} units, axes "
+                           f"{[(a.tensor, a.dim) for a in spec.group(n).axes][:6]}): rel. error {e:.2e}"
+                           for n, e in failing.items()) or "no single group fails; their combination does"
+        raise UnsoundSpecError(
+            f"the compiled spec changes the model's function (rel. error {err:.2e} > {tolerance:g}): "
+            f"{detail}. This is a bug in a permutation rule: please report it with the model, or "
+            "trace with verify=False to inspect the spec.")
+    return report

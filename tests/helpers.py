@@ -1,0 +1,30 @@
+"""Shared test helpers: canonical partitions and single-axis negative controls."""
+
+from __future__ import annotations
+
+import torch
+
+import autoperm
+from autoperm.spec import Axis, PermGroup, PermutationSpec
+
+
+def canonical(spec: PermutationSpec) -> set[frozenset]:
+    """Groups as a set of frozensets of (tensor, dim, offset, outer, inner): names ignored."""
+    return {frozenset((a.tensor, a.dim, a.offset, a.outer, a.inner) for a in g.axes) for g in spec.groups}
+
+
+def single_axis_spec(spec: PermutationSpec, group: PermGroup, axis: Axis) -> PermutationSpec:
+    """A spec with one group holding only ``axis``: permuting it alone breaks the coupling."""
+    return PermutationSpec([PermGroup(group.name, group.size, [axis])], [], dict(spec.shapes), dict(spec.tied))
+
+
+def rel_change(model, spec, perms, inputs) -> float:
+    return autoperm.check_equivalence(model, spec, perms, inputs)
+
+
+def float64_inputs(inputs):
+    return tuple(t.double() if t.is_floating_point() else t for t in inputs)
+
+
+def state_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
