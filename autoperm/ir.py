@@ -188,6 +188,10 @@ class AtomTable:
         refined = None
         if ka == kb and (ka == "prod" or all(_is_int(s) for s in sizes_a + sizes_b)):
             refined = _refine(ka, sizes_a, sizes_b)
+        if refined is None and {ka, kb} == {"sum", "prod"}:
+            sums, prods = (ca, cb) if ka == "sum" else (cb, ca)
+            if self._sum_over_prod(sums, prods):
+                return ("prod", prods)
         if refined is None:
             reason = f"incompatible reshapes of one channel dim ({ka}{sizes_a} vs {kb}{sizes_b})"
             self._frozen.setdefault(r, reason)
@@ -210,6 +214,32 @@ class AtomTable:
                     self._struct[nb] = (ka, cover)
                     self._pending.append((c, nb))
         return (ka, atoms)
+
+    def _sum_over_prod(self, sums: list[int], prods: list[int]) -> bool:
+        """Unify ``sum(parts)`` with ``prod(f, *rest)`` when every part spans whole rows of
+        ``rest``: ``f`` becomes ``sum(m_1, ..)`` and part i becomes ``prod(m_i, *rest)`` (all parts
+        share the permutation of ``rest``; rows never cross parts). Returns False if they do not fit.
+        """
+        rest = prods[1:]
+        inner = _prod([self._size[c] for c in rest])
+        if not _is_int(inner) or not all(_is_int(self._size[p]) for p in sums):
+            return False
+        inner = int(inner)
+        if any(int(self._size[p]) % inner for p in sums):
+            return False
+        rows = [self.new(int(self._size[p]) // inner) for p in sums]
+        head = self.new(self._size[prods[0]])
+        self._struct[head] = ("sum", rows)
+        self._pending.append((prods[0], head))
+        for part, row in zip(sums, rows):
+            kids = ([row] if self._size[row] != 1 else []) + rest
+            if len(kids) == 1:
+                self._pending.append((part, kids[0]))
+            else:
+                nb = self.new(self._size[part])
+                self._struct[nb] = ("prod", kids)
+                self._pending.append((part, nb))
+        return True
 
     # ------------------------------------------------------------ read-out
     def frozen_closure(self) -> dict[int, str]:

@@ -7,6 +7,7 @@ A permutation ``p`` (a LongTensor holding each of ``0..n-1`` once) acts by gathe
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Mapping
 
 import torch
@@ -91,7 +92,9 @@ def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
                        perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new state dict with every axis of ``spec`` permuted; tied aliases follow their tensor."""
     check_permutations(spec, perms)
-    out = dict(state)
+    out = OrderedDict(state)
+    if hasattr(state, "_metadata"):  # version info some modules' _load_from_state_dict needs
+        out._metadata = state._metadata  # type: ignore[attr-defined]
     for g in spec.groups:
         p = perms[g.name].long()
         for axis in g.axes:

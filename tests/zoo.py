@@ -449,3 +449,57 @@ class HandAttention(nn.Module):
 @register("hand_attention", lambda: (torch.randn(2, 5, 4),))
 def hand_attention():
     return HandAttention()
+
+
+def channel_shuffle(x, groups):
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        half = c // 2
+        self.branch = nn.Sequential(nn.Conv2d(half, half, 1), nn.BatchNorm2d(half), nn.ReLU(),
+                                    nn.Conv2d(half, half, 3, padding=1, groups=half), nn.BatchNorm2d(half),
+                                    nn.Conv2d(half, half, 1), nn.ReLU())
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat([x1, self.branch(x2)], 1), 2)
+
+
+@register("shufflenet", img(3, 8))
+def shufflenet():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ShuffleUnit(8), ShuffleUnit(8), nn.Conv2d(8, 6, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+class WindowAttention(nn.Module):
+    """Swin-style: qkv bias built by cat (k bias zero), relative position bias by index, roll."""
+
+    def __init__(self, dim=8, heads=2, n=4):
+        super().__init__()
+        self.heads, self.hd = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim) * 0.1), nn.Parameter(torch.randn(dim) * 0.1)
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads) * 0.1)
+        idx = torch.arange(n)
+        self.register_buffer("rel_index", (idx[:, None] - idx[None, :] + n - 1).flatten())
+        self.proj = nn.Linear(dim, dim)
+        self.inp, self.out = nn.Linear(3, dim), nn.Linear(dim, 2)
+
+    def forward(self, x):
+        h = self.inp(torch.roll(x, 1, dims=1))
+        b, n, c = h.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        q, k, v = F.linear(h, self.qkv.weight, bias).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        rel = self.table[self.rel_index].view(n, n, self.heads).permute(2, 0, 1)
+        att = torch.softmax(q @ k.transpose(-2, -1) + rel.unsqueeze(0), dim=-1)
+        y = self.proj((att @ v).transpose(1, 2).reshape(b, n, c))
+        return self.out(F.pad(h + y, (0, 0, 1, 1)))
+
+
+@register("window_attention", lambda: (torch.randn(2, 4, 3),))
+def window_attention():
+    return WindowAttention()

@@ -54,7 +54,7 @@ def elementwise(ctx: RuleContext) -> list[Constraint]:
 
 @register_rule(*aten_ops(
     "zeros", "ones", "full", "empty", "scalar_tensor", "zeros_like", "ones_like", "full_like",
-    "empty_like", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided"))
+    "empty_like", "new_zeros", "new_ones", "new_full", "new_empty", "empty_strided", "zero"))
 def constant_factory(ctx: RuleContext) -> list[Constraint]:
     """Constant-filled tensor: its value is the same at every index, so no dim is constrained."""
     return []

@@ -208,6 +208,25 @@ def index_select(ctx: RuleContext) -> list[Constraint]:
     return cons + [Tie(x[k], out[k]) for k in range(len(x)) if k != d]
 
 
+@register_rule(*aten_ops("index"))
+def index(ctx: RuleContext) -> list[Constraint]:
+    """Advanced indexing ``x[i0, i1, ...]``: indexed dims are frozen (indices name slots), the
+    other dims of ``x`` are tied to the output dims they land in."""
+    x, out = ctx.atoms(ctx.arg("self")), ctx.out
+    idx = list(ctx.arg("indices"))
+    idx += [None] * (len(x) - len(idx))
+    indexed = [k for k, i in enumerate(idx) if i is not None]
+    idx_atoms = [a for i in idx for a in (ctx.atoms(i) or [])]
+    n_new = len(out) - (len(x) - len(indexed))
+    adjacent = indexed == list(range(indexed[0], indexed[-1] + 1)) if indexed else True
+    start = indexed[0] if (indexed and adjacent) else 0
+    kept = [k for k in range(len(x)) if k not in indexed]
+    positions = [k if k < start else k - len(indexed) + n_new for k in kept] if adjacent else \
+        [n_new + j for j in range(len(kept))]
+    cons = ctx.freeze([x[k] for k in indexed] + out[start:start + n_new] + idx_atoms, "indexed by position")
+    return cons + [Tie(x[k], out[p]) for k, p in zip(kept, positions)]
+
+
 @register_rule(*aten_ops("flip", "roll", "cumsum", "cumprod", "logcumsumexp"))
 def positional(ctx: RuleContext) -> list[Constraint]:
     """Flip / roll / cumulative ops: the dims they act on depend on order, so they are frozen."""
@@ -221,21 +240,22 @@ def positional(ctx: RuleContext) -> list[Constraint]:
     return cons + [Tie(x[k], out[k]) for k in range(len(x)) if k not in ds]
 
 
-@register_rule(*aten_ops("constant_pad_nd"))
+@register_rule(*aten_ops("constant_pad_nd", "pad"))
 def constant_pad(ctx: RuleContext) -> list[Constraint]:
-    """Constant padding: a padded dim is ``sum(pad, input, pad)``; the pad holds one constant."""
+    """Padding: a constant-padded dim is ``sum(pad, input, pad)``; other modes freeze padded dims."""
     x, out = ctx.atoms(ctx.arg("self")), ctx.out
     pad = list(ctx.arg("pad"))
+    constant = ctx.arg("mode", "constant") == "constant"
     cons: list[Constraint] = []
     for k in range(len(x)):
         j = len(x) - 1 - k
         lo, hi = (pad[2 * j], pad[2 * j + 1]) if 2 * j + 1 < len(pad) else (0, 0)
         if lo == 0 and hi == 0:
             cons.append(Tie(x[k], out[k]))
-        elif lo >= 0 and hi >= 0:
+        elif lo >= 0 and hi >= 0 and constant:
             cons.append(Compose(out[k], "sum", (ctx.fresh(lo), x[k], ctx.fresh(hi))))
         else:
-            cons += ctx.freeze([x[k], out[k]], "negative padding crops")
+            cons += ctx.freeze([x[k], out[k]], "reflect / replicate / cropping padding")
     return cons
 
 
