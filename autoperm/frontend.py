@@ -129,7 +129,13 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
-    work = copy.deepcopy(model).eval()
+    try:
+        work = copy.deepcopy(model).eval()
+    except Exception as e:
+        raise TraceError(
+            f"could not copy {type(model).__name__} (autoperm never traces the caller's model "
+            f"itself): {type(e).__name__}: {e}. Legacy hooks such as nn.utils.weight_norm block "
+            "deepcopy; use torch.nn.utils.parametrizations.weight_norm instead.") from e
     try:
         with torch.no_grad():
             work(*inputs)

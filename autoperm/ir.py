@@ -299,6 +299,8 @@ def _ratio(x: Size, y: Size) -> Size | None:
     import sympy
 
     num, den = sympy.fraction(sympy.cancel(sympy.sympify(y) / sympy.sympify(x)))
+    if den == 1 and num.is_Integer:
+        return int(num)
     if den != 1 or not all(c.is_Integer for c in sympy.Poly(num).coeffs()):
         return None
     return int(num) if num.is_Integer else num

@@ -63,7 +63,8 @@ def addmm(ctx: RuleContext) -> list[Constraint]:
     a = ctx.atoms(ctx.arg("mat1", ctx.arg("batch1", ctx.arg("mat"))))
     b = ctx.atoms(ctx.arg("mat2", ctx.arg("batch2", ctx.arg("vec"))))
     if ctx.node.target.overloadpacket.__name__ == "addbmm":
-        return ctx.freeze(a + b + ctx.out, "addbmm sums over the batch")
+        bias = ctx.atoms(ctx.arg("self")) or []
+        return ctx.freeze(a + b + bias + ctx.out, "addbmm sums over the batch")
     return matmul_constraints(ctx, a, b, ctx.out) + broadcast_to_out(ctx, [ctx.atoms(ctx.arg("self"))], ctx.out)
 
 

@@ -15,7 +15,10 @@ from .base import RuleContext, aten_ops, norm_dim, register_rule
 
 def _dims(ctx: RuleContext, rank: int) -> list[int]:
     d = ctx.arg("dim")
-    if d is None or (isinstance(d, (list, tuple)) and len(d) == 0):
+    empty = isinstance(d, (list, tuple)) and len(d) == 0
+    if empty and getattr(ctx.node.target, "_overloadname", "") == "dims":
+        return []  # any.dims / all.dims with dim=() reduce nothing (elementwise)
+    if d is None or empty:
         return list(range(rank))
     return sorted({norm_dim(v, rank) for v in ([d] if isinstance(d, int) else d)})
 
