@@ -503,3 +503,25 @@ class WindowAttention(nn.Module):
 @register("window_attention", lambda: (torch.randn(2, 4, 3),))
 def window_attention():
     return WindowAttention()
+
+
+class EinsumAttention(nn.Module):
+    """Attention and a projection written with einsum (incl. an ellipsis), then pixel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(6, 8), nn.Linear(6, 8)
+        self.w = nn.Parameter(torch.randn(8, 5) * 0.3)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        v = torch.einsum("bnd,de->bne", q, self.w)
+        att = torch.einsum("bqd,bkd->bqk", q, k).softmax(-1)
+        z = torch.einsum("bqk,bke->bqe", att, v)
+        return self.b(torch.einsum("...e,...e->...e", z, torch.tanh(z)))
+
+
+@register("einsum", lambda: (torch.randn(2, 4, 6),))
+def einsum():
+    return EinsumAttention()

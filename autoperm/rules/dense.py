@@ -130,3 +130,57 @@ def prelu(ctx: RuleContext) -> list[Constraint]:
 
         cons += broadcast_to_out(ctx, [w], out)
     return cons
+
+
+def _einsum_terms(equation: str, ranks: list[int]) -> tuple[list[list[str]], list[str]] | None:
+    """Split an einsum equation into per-operand and output index lists, expanding ``...``."""
+    eq = equation.replace(" ", "")
+    lhs, _, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    n_ell = max((r - (len(t) - 3) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    ell = [f"@{i}" for i in range(n_ell)]
+    out_terms = []
+    for t, r in zip(terms, ranks):
+        if "..." in t:
+            k = r - (len(t) - 3)
+            pre, post = t.split("...")
+            out_terms.append(list(pre) + ell[n_ell - k:] + list(post))
+        else:
+            out_terms.append(list(t))
+    if not rhs and "->" not in eq:
+        letters = sorted({c for t in out_terms for c in t if not c.startswith("@")})
+        singles = [c for c in letters if sum(t.count(c) for t in out_terms) == 1]
+        out = ell + singles
+    else:
+        pre, _, post = rhs.partition("...")
+        out = list(pre) + (ell if "..." in rhs else []) + list(post)
+    return out_terms, out
+
+
+@register_rule(*aten_ops("einsum"))
+def einsum(ctx: RuleContext) -> list[Constraint]:
+    """Einsum: dims with one index letter are one index space (tied across operands and output);
+    a letter repeated inside one operand (a diagonal) is frozen."""
+    ops = [ctx.atoms(t) for t in ctx.arg("tensors")]
+    flat = [a for o in ops for a in (o or [])] + ctx.out
+    parsed = _einsum_terms(ctx.arg("equation"), [len(o or []) for o in ops])
+    if parsed is None or any(o is None for o in ops):
+        return ctx.freeze(flat, "einsum equation not understood")
+    terms, out_letters = parsed
+    if len(out_letters) != len(ctx.out):
+        return ctx.freeze(flat, "einsum equation not understood")
+    by_letter: dict[str, list[int]] = {}
+    for atoms, letters in list(zip(ops, terms)) + [(ctx.out, out_letters)]:
+        for a, c in zip(atoms, letters):
+            if ctx.size(a) != 1:
+                by_letter.setdefault(c, []).append(a)
+    cons: list[Constraint] = []
+    for c, atoms in by_letter.items():
+        diagonal = any(letters.count(c) > 1 for letters in terms)
+        if diagonal:
+            cons += ctx.freeze(atoms, "einsum diagonal")
+        else:
+            cons += [Tie(atoms[0], a) for a in atoms[1:]]
+    return cons

@@ -286,3 +286,10 @@ def getitem(ctx: RuleContext) -> list[Constraint]:
         flat = [a for a in (ctx.out or []) if isinstance(a, int)]
         return ctx.freeze(flat, "getitem on a value that is not a tuple of tensors")
     return ctx.tie_all(src[idx], ctx.out)
+
+
+@register_rule(*aten_ops("pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle"))
+def shuffle_ops(ctx: RuleContext) -> list[Constraint]:
+    """Pixel / channel shuffle kernels: channels move to other positions; all dims frozen."""
+    x = ctx.atoms(ctx.arg("self"))
+    return ctx.freeze(x + ctx.out, "pixel / channel shuffle kernel")
