@@ -10,6 +10,8 @@ Public API (see docs/api.md)::
 from .api import trace
 from .errors import (AnalysisError, AutopermError, ExampleInputError, PermutationError, ShapeMismatchError,
                      SpecError, TraceError, UnsoundSpecError, UnsupportedOpError)
+from .match import Alignment
+from .merging import align, match, merge
 from .metrics import Coverage, coverage
 from .permute import compose, identity_permutation, invert, permute, permute_state_dict, random_permutation
 from .rules import RULES, RuleContext, register_rule
@@ -19,7 +21,7 @@ from .verify import check_equivalence, perturbed, verify_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
+    "trace", "match", "align", "merge", "Alignment", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
     "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",
     "check_equivalence", "coverage", "Coverage", "verify_spec", "perturbed", "AutopermError", "TraceError", "ExampleInputError",
     "UnsupportedOpError", "AnalysisError", "SpecError", "ShapeMismatchError", "PermutationError",

@@ -200,7 +200,9 @@ def _run_autoperm(cand: dict, cfg: dict, row: dict):
     for size in (64, None):
         torch.manual_seed(0)
         try:
+            t_load = time.perf_counter()
             model, x = load(cand["key"], image_size=size)
+            ap["load_s"] = time.perf_counter() - t_load
         except Exception as e:  # noqa: BLE001
             if size == 64:
                 ap["load64_error"] = _err(e)
@@ -237,6 +239,7 @@ def _run_autoperm(cand: dict, cfg: dict, row: dict):
               frozen=len(spec.frozen), unsupported_ops=spec.meta.get("unsupported_ops", {}),
               param_share=cov.param_share, hidden_share=cov.hidden_share, hidden_atoms=cov.hidden_atoms)
     errors, failing = {}, {}
+    t_verify = time.perf_counter()
     for seed in (0, 1, 2):
         try:
             with _time_limit(cfg["verify_timeout"]):
@@ -259,6 +262,7 @@ def _run_autoperm(cand: dict, cfg: dict, row: dict):
         except Exception as e:  # noqa: BLE001
             ap.update(verify_error_exc=_err(e), traceback=traceback.format_exc()[-3000:])
             break
+    ap["verify_all_s"] = time.perf_counter() - t_verify
     ap["verify_errors"] = {str(k): v for k, v in errors.items()}
     if failing:
         ap["failing_groups"] = {str(k): v for k, v in failing.items()}
@@ -743,12 +747,13 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in DIR/zoo_coverage.json")
     ap.add_argument("--trace-timeout", type=float, default=600)
-    ap.add_argument("--verify-timeout", type=float, default=600)
-    ap.add_argument("--rebasin-timeout", type=float, default=120)
+    ap.add_argument("--verify-timeout", type=float, default=300, help="per seed")
+    ap.add_argument("--rebasin-timeout", type=float, default=90)
     ap.add_argument("--rebasin-iterations", type=int, default=1,
                     help="max_iterations of rebasin(): one coordinate-descent sweep by default (the permuted share "
                          "and function preservation do not depend on convergence)")
-    ap.add_argument("--rebasin-max-params", type=float, default=0, help="skip rebasin above this many parameters")
+    ap.add_argument("--rebasin-max-params", type=float, default=30e6,
+                    help="skip rebasin above this many parameters (0: no limit)")
     ap.add_argument("--tp-timeout", type=float, default=60)
     ap.add_argument("--hard-timeout", type=float, default=1800, help="per model, kills the worker")
     ap.add_argument("--recycle", type=int, default=15, help="restart the worker after this many models")

@@ -1,0 +1,50 @@
+"""Interpolation of two aligned state dicts: ``(1 - alpha) * A + alpha * P(B)``.
+
+alpha is the weight of model B (0 gives A, 1 gives aligned B). Floating-point tensors are
+interpolated, including BatchNorm running statistics (a plain average of statistics is usually
+poor: ``normalize="reset"`` recomputes them on data); integer buffers are taken from A.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import SpecError
+
+__all__ = ["check_compatible", "interpolate_state"]
+
+
+def check_compatible(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Raise naming the first difference: a missing tensor, a shape, a dtype, a device, or a
+    non-finite value."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    for name in list(sa) + [n for n in sb if n not in sa]:
+        if name not in sa or name not in sb:
+            which = "model_b" if name not in sb else "model_a"
+            raise SpecError(f"the models' architectures differ: {which} has no tensor {name!r}")
+        ta, tb = sa[name], sb[name]
+        if ta.shape != tb.shape:
+            raise SpecError(f"the models' architectures differ: {name!r} has shape {list(ta.shape)} in "
+                            f"model_a and {list(tb.shape)} in model_b")
+        if ta.dtype != tb.dtype or ta.device != tb.device:
+            raise SpecError(f"{name!r} is {ta.dtype} on {ta.device} in model_a but {tb.dtype} on "
+                            f"{tb.device} in model_b; move both models to one device and dtype first")
+        for who, t in (("model_a", ta), ("model_b", tb)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{who} has non-finite values in {name!r}")
+
+
+def interpolate_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                      alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 - alpha) * a + alpha * b`` for float tensors; other tensors from ``a``."""
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number (the weight of model_b), got {alpha!r}")
+    out = {}
+    for name, ta in a.items():
+        tb = b[name]
+        out[name] = torch.lerp(ta, tb.to(ta.dtype), float(alpha)) if ta.is_floating_point() else ta.clone()
+    return out

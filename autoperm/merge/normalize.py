@@ -1,0 +1,43 @@
+"""Normalization after merging. RESET (the Vanishing Feature paper, ../papers/003, section 4.2
+and Appendix A.3): recompute every BatchNorm's running statistics on data, since the average of
+two models' statistics does not describe the merged model's features."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .._data import batch_inputs
+
+__all__ = ["reset_batchnorm", "has_batchnorm"]
+
+log = logging.getLogger(__name__)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+@torch.no_grad()
+def reset_batchnorm(model: nn.Module, data: Iterable, n_inputs: int = 1) -> nn.Module:
+    """Recompute BatchNorm running statistics of ``model`` (in place; pass a copy) as the exact
+    average over ``data``; returns the model in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over the batches seen
+    model.train()
+    batches = 0
+    for batch in data:
+        model(*batch_inputs(batch, n_inputs))
+        batches += 1
+    for m, mom in saved.items():
+        m.momentum = mom
+    if batches == 0:
+        raise ValueError("normalize='reset' got no batches in data")
+    log.info("reset %d BatchNorm layers over %d batches", len(bns), batches)
+    return model.eval()

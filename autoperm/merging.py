@@ -1,0 +1,117 @@
+"""The user's entry points for alignment and merging: `match`, `align`, `merge`.
+
+``merge(model_a, model_b)`` traces model_a (a spec can be passed instead), aligns model_b to it,
+interpolates, and optionally normalizes. Neither model is modified; a new module of model_a's class
+is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ._data import first_inputs
+from .api import trace
+from .frontend import normalize_inputs
+from .match import Alignment, run_matcher
+from .merge import check_compatible, interpolate_state, reset_batchnorm
+from .merge.normalize import has_batchnorm
+from .permute import permute_state_dict
+from .spec import PermutationSpec
+
+__all__ = ["match", "align", "merge", "infer_example_inputs"]
+
+log = logging.getLogger(__name__)
+NORMALIZATIONS = (None, "reset")
+
+
+def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
+    """Example inputs guessed from timm's ``pretrained_cfg`` or the first conv / linear / embedding."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return (torch.randn(2, *cfg["input_size"]),)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return (torch.randn(2, m.in_features),)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
+            return (torch.randn(2, m.in_channels, *([32] * nd)),)
+        if isinstance(m, nn.Embedding):
+            return (torch.randint(0, m.num_embeddings, (2, 16)),)
+    raise ValueError(f"cannot guess example inputs for {type(model).__name__}: pass example_inputs=")
+
+
+def _inputs(model, example_inputs, data) -> tuple[torch.Tensor, ...]:
+    if example_inputs is not None:
+        return normalize_inputs(example_inputs)
+    if data is not None:
+        got = first_inputs(data)
+        if got is not None:
+            log.info("example inputs taken from the first batch of data: %s", [tuple(t.shape) for t in got])
+            return got
+    got = infer_example_inputs(model)
+    log.info("example inputs inferred from the model: %s", [tuple(t.shape) for t in got])
+    return got
+
+
+def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
+          method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
+          seed: int = 0, max_iter: int = 100) -> Alignment:
+    """Find permutations of ``model_b``'s groups that line it up with ``model_a``.
+
+    Returns an `Alignment` (``perms``, objective ``history`` per pass, ``seconds``). Example::
+
+        al = autoperm.match(model_a, model_b, method="weight")
+        model_b_aligned = autoperm.permute(model_b, al.spec, al.perms)
+    """
+    check_compatible(model_a, model_b)
+    if spec is None:
+        spec = trace(model_a, _inputs(model_a, example_inputs, data))
+    else:
+        spec.check_model(model_a.state_dict())
+    t0 = time.perf_counter()
+    perms, history = run_matcher(method, spec, model_a.state_dict(), model_b.state_dict(),
+                                 seed=seed, max_iter=max_iter)
+    return Alignment(perms, method, history, time.perf_counter() - t0, spec)
+
+
+def align(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
+          method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
+          seed: int = 0) -> dict[str, torch.Tensor]:
+    """The permutations to apply to ``model_b`` (with `autoperm.permute`) to line it up with
+    ``model_a``: ``match(...).perms``."""
+    return match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs, seed=seed).perms
+
+
+def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method: str = "weight",
+          spec: PermutationSpec | None = None, data: Iterable | None = None, example_inputs: Any = None,
+          normalize: str | None = None, seed: int = 0) -> nn.Module:
+    """A new model: ``(1 - alpha) * A + alpha * P(B)`` with ``P`` found by ``method``.
+
+    ``alpha`` is the weight of model_b. ``normalize="reset"`` recomputes BatchNorm statistics on
+    ``data``; with ``normalize=None`` BatchNorm statistics are interpolated (a hint is logged).
+    Dims the spec froze are interpolated without alignment. Example::
+
+        merged = autoperm.merge(model_a, model_b)                      # weight matching
+        merged = autoperm.merge(model_a, model_b, normalize="reset", data=loader)
+    """
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(NORMALIZATIONS)}")
+    if normalize == "reset" and data is None:
+        raise ValueError("normalize='reset' recomputes BatchNorm statistics and needs data=: pass an "
+                         "iterable of input batches")
+    al = match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs, seed=seed)
+    aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
+    state = interpolate_state(model_a.state_dict(), aligned_b, alpha)
+    merged = copy.deepcopy(model_a)
+    merged.load_state_dict(state)
+    if normalize == "reset":
+        merged = reset_batchnorm(merged, data)
+    elif has_batchnorm(merged):
+        log.info("BatchNorm statistics were interpolated; normalize='reset' with data is usually far better")
+    return merged.train(model_a.training)

@@ -1,0 +1,126 @@
+"""Alignment and merging: recovery of planted permutations, limits, errors, untouched inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoperm
+from helpers import state_snapshot
+from zoo import ZOO
+
+_CACHE = {}
+
+
+def planted(name, seed=3):
+    if name not in _CACHE:
+        factory, inputs = ZOO[name]
+        a = autoperm.perturbed(factory(), 0)
+        spec = autoperm.trace(a, tuple(t.double() if t.is_floating_point() else t for t in inputs()), verify=False)
+        _CACHE[name] = (a, spec)
+    a, spec = _CACHE[name]
+    p = autoperm.random_permutation(spec, seed, derangement=True)
+    return a, spec, p, autoperm.permute(a, spec, p)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_weight_matching_undoes_a_planted_permutation(name):
+    a, spec, p, b = planted(name)
+    al = autoperm.match(a, b, spec, method="weight")
+    inv = autoperm.invert(p)
+    wrong = [g for g in inv if not torch.equal(al.perms[g], inv[g])]
+    assert not wrong, f"{name}: groups not recovered: {wrong}"
+    assert al.history == sorted(al.history), "the objective never decreases"
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "vit", "densenet"])
+def test_merge_with_permuted_self_is_self(name):
+    a, spec, _, b = planted(name)
+    merged = autoperm.merge(a, b, spec=spec)
+    assert type(merged) is type(a)
+    sa, sm = a.state_dict(), merged.state_dict()
+    assert max((sa[k] - sm[k]).abs().max().item() for k in sa if sa[k].is_floating_point()) < 1e-12
+
+
+def test_alpha_limits():
+    a, spec, _, _ = planted("resnet20")
+    factory, inputs = ZOO["resnet20"]
+    b = autoperm.perturbed(factory(), 7)
+    x = inputs()[0].double()
+    m0 = autoperm.merge(a, b, spec=spec, alpha=0.0)
+    assert torch.allclose(m0(x), a(x), atol=1e-12)
+    m1 = autoperm.merge(a, b, spec=spec, alpha=1.0)
+    assert torch.allclose(m1(x), b(x), atol=1e-10), "alpha=1 is the aligned model_b: same function as b"
+    naive = autoperm.merge(a, b, spec=spec, method="identity")
+    mid = autoperm.merge(a, b, spec=spec)
+    assert not torch.allclose(naive(x), mid(x)), "alignment changes the merge"
+
+
+def test_matching_is_deterministic_under_seed():
+    a, spec, _, _ = planted("vgg")
+    factory, _ = ZOO["vgg"]
+    b = autoperm.perturbed(factory(), 5)
+    p1 = autoperm.align(a, b, spec, seed=1)
+    p2 = autoperm.align(a, b, spec, seed=1)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+def test_inputs_are_not_modified():
+    factory, inputs = ZOO["resnet20"]
+    a, b = factory().train(), factory().eval()
+    before_a, before_b = state_snapshot(a), state_snapshot(b)
+    autoperm.merge(a, b, example_inputs=inputs(), normalize="reset", data=[inputs()[0]] * 2)
+    assert all(torch.equal(before_a[k], a.state_dict()[k]) for k in before_a)
+    assert all(torch.equal(before_b[k], b.state_dict()[k]) for k in before_b)
+    assert a.training and not b.training
+
+
+def test_reset_recomputes_batchnorm_statistics():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    b = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    data = [torch.randn(16, 3) for _ in range(3)]
+    merged = autoperm.merge(a, b, normalize="reset", data=data)
+    with torch.no_grad():
+        h = merged[0](torch.cat(data))
+    assert torch.allclose(merged[1].running_mean, h.mean(0), atol=1e-5)
+    assert not merged.training
+
+
+def test_example_inputs_are_inferred():
+    a = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    merged = autoperm.merge(a, b)
+    assert merged(torch.randn(3, 5)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(method="nope"), ValueError, "method='nope' is not available"),
+    (dict(normalize="repairx"), ValueError, "normalize='repairx' is not available"),
+    (dict(normalize="reset"), ValueError, "needs data="),
+    (dict(alpha=float("nan")), ValueError, "alpha must be a finite number"),
+])
+def test_bad_arguments(kwargs, error, message):
+    a = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    with pytest.raises(error, match=message):
+        autoperm.merge(a, b, **kwargs)
+
+
+def test_different_architectures_name_the_tensor():
+    a = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 2))
+    with pytest.raises(autoperm.SpecError, match=r"'0.weight' has shape \[6, 5\] in model_a and \[7, 5\]"):
+        autoperm.merge(a, b)
+    with pytest.raises(autoperm.SpecError, match="float32 on cpu in model_a but torch.float64"):
+        autoperm.merge(a, nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)).double())
+
+
+def test_non_finite_weights_are_rejected():
+    a = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        b[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="model_b has non-finite values in '0.weight'"):
+        autoperm.merge(a, b)
