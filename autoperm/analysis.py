@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,24 @@ from .ir import AtomTable
 from .rules.base import RuleContext, op_name, rule_for, sizes_of
 from .spec import Axis, Frozen, PermGroup, PermutationSpec
 
-__all__ = ["analyze", "IGNORED_OPS"]
+__all__ = ["analyze", "analyze_with_sites", "Site", "IGNORED_OPS", "PRODUCERS"]
+
+# Ops whose outputs are a layer's pre-activation features (sites for activation statistics).
+PRODUCERS = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+             "conv_transpose3d", "addmm", "mm", "bmm", "matmul", "baddbmm", "einsum", "embedding",
+             "scaled_dot_product_attention"}
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a group's units appear in an intermediate value: node output, dim, layout."""
+
+    node: str
+    dim: int
+    offset: int
+    outer: int
+    inner: int
+    producer: bool  # the output of a conv / linear / product: pre-activation features
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +150,7 @@ def _freeze_interface(tg: TracedGraph, table: AtomTable, values: dict) -> None:
             first[c] = atoms
 
 
-def _emit(tg: TracedGraph, table: AtomTable, values: dict) -> PermutationSpec:
+def _emit(tg: TracedGraph, table: AtomTable, values: dict) -> tuple[PermutationSpec, dict[int, str]]:
     frozen_map = table.frozen_closure()
     by_name = {n.name: n for n in tg.graph.nodes if n.op == "placeholder"}
     aliases = {a for names in tg.tied.values() for a in names}
@@ -156,13 +174,28 @@ def _emit(tg: TracedGraph, table: AtomTable, values: dict) -> PermutationSpec:
     for key, shape in tg.shapes.items():
         if key not in seen and key not in aliases:
             frozen += [Frozen(key, d, s, "unused in the traced forward") for d, s in enumerate(shape) if s >= 2]
-    groups, used = [], Counter()
+    groups, used, names = [], Counter(), {}
     for leaf, ax in axes.items():
         base = ax[0].tensor.rsplit(".", 1)[0] if "." in ax[0].tensor else ax[0].tensor
         used[base] += 1
-        name = base if used[base] == 1 else f"{base}#{used[base] - 1}"
-        groups.append(PermGroup(name, sizes[leaf], ax))
-    return PermutationSpec(groups, frozen, dict(tg.shapes), {k: list(v) for k, v in tg.tied.items()})
+        names[leaf] = base if used[base] == 1 else f"{base}#{used[base] - 1}"
+        groups.append(PermGroup(names[leaf], sizes[leaf], ax))
+    return PermutationSpec(groups, frozen, dict(tg.shapes), {k: list(v) for k, v in tg.tied.items()}), names
+
+
+def _sites(tg: TracedGraph, table: AtomTable, values: dict, names: dict[int, str]) -> dict[str, list[Site]]:
+    frozen_map = table.frozen_closure()
+    out: dict[str, list[Site]] = {n: [] for n in names.values()}
+    for node in tg.graph.nodes:
+        atoms = values.get(node)
+        if node.op != "call_function" or not atoms or not all(isinstance(a, int) for a in atoms):
+            continue
+        producer = _packet_name(node.target) in PRODUCERS
+        for dim, atom in enumerate(atoms):
+            for blk in table.blocks(atom, frozen_map):
+                if blk.size >= 2 and blk.frozen is None and blk.leaf in names:
+                    out[names[blk.leaf]].append(Site(node.name, dim, blk.offset, blk.outer, blk.inner, producer))
+    return out
 
 
 def analyze(tg: TracedGraph, *, strict: bool = False) -> PermutationSpec:
@@ -176,6 +209,17 @@ def analyze(tg: TracedGraph, *, strict: bool = False) -> PermutationSpec:
         spec = analyze(tg)
         [(g.name, g.size) for g in spec.groups]    # [('0', 8)]
     """
+    spec, _ = _compile(tg, strict)
+    return spec
+
+
+def analyze_with_sites(tg: TracedGraph, *, strict: bool = False) -> tuple[PermutationSpec, dict[str, list[Site]]]:
+    """`analyze`, plus where each group's units appear in intermediate values (for activation
+    statistics: `autoperm._stats`)."""
+    return _compile(tg, strict)
+
+
+def _compile(tg: TracedGraph, strict: bool) -> tuple[PermutationSpec, dict[str, list[Site]]]:
     table = AtomTable()
     values: dict[torch.fx.Node, Any] = {}
     unsupported: Counter = Counter()
@@ -185,9 +229,9 @@ def analyze(tg: TracedGraph, *, strict: bool = False) -> PermutationSpec:
             f"no permutation rule for {sorted(unsupported)}; register one with "
             "@autoperm.register_rule(op), or pass strict=False to freeze the dims they touch")
     _freeze_interface(tg, table, values)
-    spec = _emit(tg, table, values)
+    spec, names = _emit(tg, table, values)
     spec.meta.update({"frontend": tg.frontend, "dynamic_batch": tg.dynamic_batch,
                       "torch": torch.__version__, "unsupported_ops": dict(unsupported)})
     for op, n in unsupported.items():
         log.info("no rule for %s (%d nodes): its dims were frozen", op, n)
-    return spec.validate()
+    return spec.validate(), _sites(tg, table, values, names)

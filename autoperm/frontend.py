@@ -44,6 +44,7 @@ class TracedGraph:
     tied: dict[str, list[str]] = field(default_factory=dict)
     frontend: str = "torch.export"
     dynamic_batch: bool = True
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # keyless placeholder -> value
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -178,6 +179,8 @@ def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:
     sd = model.state_dict()
     state_keys: dict[str, str] = {}
     keyless: dict[str, str] = {}
+    constants: dict[str, torch.Tensor] = {}
+    stored = {**ep.state_dict, **ep.constants}
     user_inputs: list[str] = []
     for spec in ep.graph_signature.input_specs:
         name = spec.arg.name
@@ -187,8 +190,12 @@ def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:
             state_keys[name] = spec.target
         elif spec.kind == InputKind.BUFFER:
             keyless[name] = f"non-persistent buffer {spec.target!r} has no state_dict key"
+            if spec.target in stored:
+                constants[name] = stored[spec.target]
         else:
             keyless[name] = f"{spec.kind.name.lower()} {spec.target!r} has no state_dict key"
+            if spec.target in stored:
+                constants[name] = stored[spec.target]
     shapes = {k: tuple(v.shape) for k, v in sd.items() if isinstance(v, torch.Tensor)}
     has_users = {n.name for n in ep.graph_module.graph.nodes if n.op == "placeholder" and n.users}
     used = {key for name, key in state_keys.items() if name in has_users}
@@ -198,4 +205,4 @@ def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:
         canon = next((n for n in names if n in used), first)
         tied[canon] = [n for n in names if n != canon]
     return TracedGraph(ep.graph_module, state_keys, keyless, user_inputs, shapes, tied,
-                       "torch.export", dynamic)
+                       "torch.export", dynamic, constants)

@@ -258,9 +258,11 @@ class AtomTable:
         return out
 
     def blocks(self, a: int, frozen: dict[int, str]) -> Iterator[Block]:
-        """The leaf classes of atom ``a`` with their layouts inside it."""
+        """The leaf classes of atom ``a`` with their layouts inside it (none for symbolic sizes)."""
         r = self.find(a)
         size = self._size[r]
+        if not _is_int(size):  # a symbolic (batch-dependent) dim holds no layout of fixed slots
+            return
         st = self._struct.get(r)
         if st is None:
             yield Block(r, int(size), 0, 1, 1, frozen.get(r))

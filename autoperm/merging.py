@@ -16,13 +16,15 @@ import torch
 from torch import nn
 
 from ._data import first_inputs
+from .analysis import analyze_with_sites
 from .api import trace
-from .frontend import normalize_inputs
-from .match import Alignment, run_matcher
+from .frontend import capture, normalize_inputs
+from .match import NEEDS_DATA, Alignment, MatchContext, run_matcher
 from .merge import check_compatible, interpolate_state, reset_batchnorm
 from .merge.normalize import has_batchnorm
 from .permute import permute_state_dict
 from .spec import PermutationSpec
+from .verify import verify_spec
 
 __all__ = ["match", "align", "merge", "infer_example_inputs"]
 
@@ -61,7 +63,7 @@ def _inputs(model, example_inputs, data) -> tuple[torch.Tensor, ...]:
 
 def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
           method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
-          seed: int = 0, max_iter: int = 100) -> Alignment:
+          seed: int = 0, max_iter: int = 100, features: str = "pre") -> Alignment:
     """Find permutations of ``model_b``'s groups that line it up with ``model_a``.
 
     Returns an `Alignment` (``perms``, objective ``history`` per pass, ``seconds``). Example::
@@ -70,13 +72,26 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
         model_b_aligned = autoperm.permute(model_b, al.spec, al.perms)
     """
     check_compatible(model_a, model_b)
-    if spec is None:
+    if method in NEEDS_DATA and data is None:
+        raise ValueError(f"method={method!r} needs data=: an iterable of input batches")
+    ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features)
+    if method in NEEDS_DATA:
+        inputs = _inputs(model_a, example_inputs, data)
+        ctx.traced = capture(model_a, inputs)
+        compiled, ctx.sites = analyze_with_sites(ctx.traced)
+        if spec is not None and [g.name for g in spec.groups] != [g.name for g in compiled.groups]:
+            raise ValueError(f"method={method!r} compiles model_a's graph itself and got other groups "
+                             "than the spec passed; pass spec=None")
+        if spec is None:
+            verify_spec(model_a, compiled, inputs)
+            spec = compiled
+    elif spec is None:
         spec = trace(model_a, _inputs(model_a, example_inputs, data))
     else:
         spec.check_model(model_a.state_dict())
+    ctx.spec = spec
     t0 = time.perf_counter()
-    perms, history = run_matcher(method, spec, model_a.state_dict(), model_b.state_dict(),
-                                 seed=seed, max_iter=max_iter)
+    perms, history = run_matcher(method, ctx)
     return Alignment(perms, method, history, time.perf_counter() - t0, spec)
 
 

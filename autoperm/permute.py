@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from .errors import PermutationError
 from .spec import Axis, PermutationSpec
 
 __all__ = ["random_permutation", "permute", "permute_state_dict", "apply_axis", "invert", "compose",
-           "identity_permutation", "check_permutations"]
+           "identity_permutation", "check_permutations", "unit_rows"]
 
 Perms = dict[str, torch.Tensor]
 
@@ -86,6 +86,25 @@ def apply_axis(t: torch.Tensor, axis: Axis, perm: torch.Tensor) -> torch.Tensor:
     pieces = [t.narrow(dim, 0, axis.offset), moved,
               t.narrow(dim, axis.offset + n, t.shape[dim] - axis.offset - n)]
     return torch.cat(pieces, dim)
+
+
+def unit_rows(t: torch.Tensor, axis: Axis, size: int, sum_dims: Iterable[int] = (),
+              sum_factors: bool = False) -> torch.Tensor:
+    """The slots of ``axis`` in ``t`` as a ``(size, -1)`` matrix: row i is everything unit i owns.
+
+    ``sum_dims`` (other dims of ``t``) and, with ``sum_factors``, the axis's own ``outer`` and
+    ``inner`` factors are summed out first: the rows then do not depend on permutations acting
+    there (heads vs head_dim, or groups whose permutation is not known yet).
+    """
+    block = t.narrow(axis.dim, axis.offset, axis.extent(size))
+    shape = list(t.shape)
+    view = block.reshape(shape[:axis.dim] + [axis.outer, size, axis.inner] + shape[axis.dim + 1:])
+    drop = [k if k < axis.dim else k + 2 for k in sum_dims]
+    if sum_factors:
+        drop += [axis.dim, axis.dim + 2]
+    if drop:
+        view = view.sum(dim=tuple(drop), keepdim=True)
+    return view.movedim(axis.dim + 1, 0).reshape(size, -1)
 
 
 def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,

@@ -214,9 +214,10 @@ def _run_autoperm(cand: dict, cfg: dict, row: dict):
         row["params_actual"] = sum(p.numel() for p in model.parameters())
         try:
             with _time_limit(cfg["trace_timeout"]):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 spec = autoperm.trace(model, x, verify=False)
                 ap["compile_s"] = time.perf_counter() - t0
+                ap["compile_cpu_s"] = time.process_time() - c0
         except autoperm.ExampleInputError as e:
             if size == 64:
                 ap["input64_error"] = _err(e)
@@ -243,10 +244,11 @@ def _run_autoperm(cand: dict, cfg: dict, row: dict):
     for seed in (0, 1, 2):
         try:
             with _time_limit(cfg["verify_timeout"]):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if seed == 0:
                     rep = autoperm.verify_spec(model, spec, x, seed=0)
                     ap["verify_s"] = time.perf_counter() - t0
+                    ap["verify_cpu_s"] = time.process_time() - c0
                 else:
                     rep = autoperm.verify_spec(model, spec, x, seed=seed, raise_on_failure=False)
             errors[seed] = rep.error
@@ -382,6 +384,7 @@ def _run_tp(cfg: dict, model, x) -> dict:
 
 def run_one(cand: dict, cfg: dict) -> dict:
     row = {k: cand.get(k) for k in ("source", "name", "key", "family", "params", "passed_over")}
+    row["loadavg"] = os.getloadavg()[0]  # the machine may be shared: 1-min load average at the start
     t0 = time.perf_counter()
     model, x = _run_autoperm(cand, cfg, row)
     if not cfg["skip_peers"] and model is not None:
@@ -576,6 +579,8 @@ def _summary(rows: list[dict]) -> dict:
         "attempted": len(attempted), "skipped": len(rows) - len(attempted), "traced": len(traced),
         "verified": len(sound), "unsound": len(unsound), "nontrivial": len(nontriv),
         "compile_median_s": _median(compile_s), "compile_max_s": max(compile_s) if compile_s else None,
+        "compile_cpu_median_s": _median([r["autoperm"].get("compile_cpu_s") for r in traced]),
+        "compile_max_model": max(traced, key=lambda r: r["autoperm"]["compile_s"])["key"] if traced else None,
         "param_share_median": _median([r["autoperm"]["param_share"] for r in traced]),
         "hidden_share_median": _median([r["autoperm"]["hidden_share"] for r in traced]),
         "verify_median_s": _median([r["autoperm"].get("verify_s") for r in traced]),
@@ -617,18 +622,21 @@ def render_md(meta: dict, rows: dict) -> str:
          "**Torch-Pruning**: `DependencyGraph().build_dependency(model, example_inputs=x)` within "
          f"{meta['config']['tp_timeout']:g} s; *coupled share* = share of conv / linear output channels (excluding "
          "layers whose output is the model's output) lying in a group from `get_all_groups()` that prunes "
-         "parameters of >= 2 layers.", ""]
+         "parameters of >= 2 layers. Times are wall-clock seconds on a machine that other jobs may share (each "
+         "row's JSON has the 1-minute load average at its start, and the CPU seconds of compile and verify, "
+         "which depend less on that load).", ""]
     L += ["## Summary", "",
           "| source | models attempted | skipped (size) | traced | verified | non-trivial spec | UNSOUND | compile s median | "
-          "compile s max | verify s median | median param share | median hidden share | rebasin ran | rebasin fn preserved "
+          "compile s max (model) | compile CPU s median | verify s median | median param share | median hidden share | rebasin ran | rebasin fn preserved "
           "| rebasin median permuted share | Torch-Pruning ran | TP median coupled share |",
-          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for src, rs in by_src.items():
         s = _summary(rs)
         a = s["attempted"]
         L.append(f"| {src} | {a} | {s['skipped']} | {_pct(s['traced'], a)} | {_pct(s['verified'], a)} | "
                  f"{_pct(s['nontrivial'], a)} | {s['unsound']} | {_fmt(s['compile_median_s'], '.2f')} | "
-                 f"{_fmt(s['compile_max_s'], '.1f')} | {_fmt(s['verify_median_s'], '.2f')} | "
+                 f"{_fmt(s['compile_max_s'], '.1f')} ({s['compile_max_model']}) | {_fmt(s['compile_cpu_median_s'], '.2f')} | "
+                 f"{_fmt(s['verify_median_s'], '.2f')} | "
                  f"{_fmt(s['param_share_median'])} | {_fmt(s['hidden_share_median'])} | "
                  f"{_pct(s['rebasin_ran'], s['rebasin_attempted'])} | {_pct(s['rebasin_preserved'], s['rebasin_ran'])} | "
                  f"{_fmt(s['rebasin_share_median'])} | {_pct(s['tp_ran'], s['tp_attempted'])} | "
@@ -748,13 +756,13 @@ def main():
     ap.add_argument("--fresh", action="store_true", help="ignore rows already in DIR/zoo_coverage.json")
     ap.add_argument("--trace-timeout", type=float, default=600)
     ap.add_argument("--verify-timeout", type=float, default=300, help="per seed")
-    ap.add_argument("--rebasin-timeout", type=float, default=90)
+    ap.add_argument("--rebasin-timeout", type=float, default=60)
     ap.add_argument("--rebasin-iterations", type=int, default=1,
                     help="max_iterations of rebasin(): one coordinate-descent sweep by default (the permuted share "
                          "and function preservation do not depend on convergence)")
     ap.add_argument("--rebasin-max-params", type=float, default=30e6,
                     help="skip rebasin above this many parameters (0: no limit)")
-    ap.add_argument("--tp-timeout", type=float, default=60)
+    ap.add_argument("--tp-timeout", type=float, default=30)
     ap.add_argument("--hard-timeout", type=float, default=1800, help="per model, kills the worker")
     ap.add_argument("--recycle", type=int, default=15, help="restart the worker after this many models")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

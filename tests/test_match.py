@@ -34,6 +34,23 @@ def test_weight_matching_undoes_a_planted_permutation(name):
     assert al.history == sorted(al.history), "the objective never decreases"
 
 
+def random_batches(name, n=3):
+    x0 = ZOO[name][1]()[0]
+    if x0.is_floating_point():
+        return [torch.randn(x0.shape, dtype=torch.float64) for _ in range(n)]
+    return [torch.randint(0, int(x0.max()) + 1, x0.shape) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_activation_matching_undoes_a_planted_permutation(name):
+    a, spec, p, b = planted(name)
+    al = autoperm.match(a, b, method="activation", data=random_batches(name))
+    inv = autoperm.invert(p)
+    wrong = [g for g in inv if not torch.equal(al.perms[g], inv[g])]
+    assert not wrong, f"{name}: groups not recovered: {wrong}"
+    assert al.history[0] > 0.999, "matched units are perfectly correlated"
+
+
 @pytest.mark.parametrize("name", ["mlp", "resnet20", "vit", "densenet"])
 def test_merge_with_permuted_self_is_self(name):
     a, spec, _, b = planted(name)
@@ -99,6 +116,7 @@ def test_example_inputs_are_inferred():
     (dict(method="nope"), ValueError, "method='nope' is not available"),
     (dict(normalize="repairx"), ValueError, "normalize='repairx' is not available"),
     (dict(normalize="reset"), ValueError, "needs data="),
+    (dict(method="activation"), ValueError, "method='activation' needs data="),
     (dict(alpha=float("nan")), ValueError, "alpha must be a finite number"),
 ])
 def test_bad_arguments(kwargs, error, message):

@@ -7,15 +7,16 @@ averaging (no alignment), the baseline every benchmark reports.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from ..permute import identity_permutation
 from ..spec import PermutationSpec
+from .activation import activation_matching
 from .weight import solve_assignment, unit_matrix, weight_matching
 
-__all__ = ["Alignment", "METHODS", "solve_assignment", "unit_matrix", "weight_matching"]
+__all__ = ["Alignment", "MatchContext", "METHODS", "NEEDS_DATA", "activation_matching", "solve_assignment", "unit_matrix", "weight_matching"]
 
 
 @dataclass
@@ -29,20 +30,40 @@ class Alignment:
     spec: PermutationSpec | None = None
 
 
-def _identity(spec, a, b, *, seed=0, **_):
-    return identity_permutation(spec), []
+@dataclass
+class MatchContext:
+    """Everything a matcher may use. Weight matching reads only the spec and the state dicts."""
+
+    spec: PermutationSpec
+    state_a: Mapping[str, torch.Tensor]
+    state_b: Mapping[str, torch.Tensor]
+    seed: int = 0
+    max_iter: int = 100
+    data: Iterable | None = None
+    traced: Any = None   # autoperm.frontend.TracedGraph of model_a
+    sites: Any = None    # group name -> list[autoperm.analysis.Site]
+    features: str = "pre"
 
 
-def _weight(spec, a, b, *, seed=0, max_iter=100, **_):
-    return weight_matching(spec, a, b, seed=seed, max_iter=max_iter)
+def _identity(ctx: MatchContext):
+    return identity_permutation(ctx.spec), []
 
 
-Matcher = Callable[..., tuple[dict[str, torch.Tensor], list[float]]]
-METHODS: dict[str, Matcher] = {"identity": _identity, "weight": _weight}
+def _weight(ctx: MatchContext):
+    return weight_matching(ctx.spec, ctx.state_a, ctx.state_b, seed=ctx.seed, max_iter=ctx.max_iter)
 
 
-def run_matcher(method: str, spec: PermutationSpec, a: Mapping[str, torch.Tensor],
-                b: Mapping[str, torch.Tensor], **kwargs) -> tuple[dict[str, torch.Tensor], list[float]]:
+def _activation(ctx: MatchContext):
+    return activation_matching(ctx.spec, ctx.traced, ctx.sites, ctx.state_a, ctx.state_b, ctx.data,
+                               features=ctx.features)
+
+
+Matcher = Callable[[MatchContext], tuple[dict[str, torch.Tensor], list[float]]]
+METHODS: dict[str, Matcher] = {"identity": _identity, "weight": _weight, "activation": _activation}
+NEEDS_DATA = {"activation"}
+
+
+def run_matcher(method: str, ctx: MatchContext) -> tuple[dict[str, torch.Tensor], list[float]]:
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not available; choose one of {sorted(METHODS)}")
-    return METHODS[method](spec, a, b, **kwargs)
+    return METHODS[method](ctx)

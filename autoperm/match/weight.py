@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ..permute import apply_axis
+from ..permute import apply_axis, unit_rows
 from ..spec import Axis, PermGroup, PermutationSpec
 
 __all__ = ["weight_matching", "unit_matrix", "solve_assignment"]
@@ -28,11 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def unit_matrix(t: torch.Tensor, axis: Axis, size: int) -> torch.Tensor:
-    """The slots of ``axis`` in ``t`` as a ``(size, -1)`` matrix: row i is everything unit i owns."""
-    block = t.narrow(axis.dim, axis.offset, axis.extent(size))
-    shape = list(t.shape)
-    view = block.reshape(shape[:axis.dim] + [axis.outer, size, axis.inner] + shape[axis.dim + 1:])
-    return view.movedim(axis.dim + 1, 0).reshape(size, -1)
+    """The slots of ``axis`` in ``t`` as a ``(size, -1)`` matrix (`autoperm.permute.unit_rows`)."""
+    return unit_rows(t, axis, size)
 
 
 def solve_assignment(cost: torch.Tensor) -> torch.Tensor:
@@ -50,21 +47,6 @@ def _others_applied(t: torch.Tensor, tensor_axes, skip: Axis, perms) -> torch.Te
     return t
 
 
-def _units(t: torch.Tensor, axis: Axis, size: int, sum_dims: set[int], sum_factors: bool) -> torch.Tensor:
-    """Unit rows of ``axis`` in ``t`` with some dims (``sum_dims``) and the axis's own ``outer``
-    and ``inner`` factors (``sum_factors``) summed out, which makes the rows invariant to the
-    groups acting there (heads vs head_dim, or groups not solved yet)."""
-    block = t.narrow(axis.dim, axis.offset, axis.extent(size))
-    shape = list(t.shape)
-    view = block.reshape(shape[:axis.dim] + [axis.outer, size, axis.inner] + shape[axis.dim + 1:])
-    drop = [k if k < axis.dim else k + 2 for k in sum_dims]
-    if sum_factors:
-        drop += [axis.dim, axis.dim + 2]
-    if drop:
-        view = view.sum(dim=tuple(drop), keepdim=True)
-    return view.movedim(axis.dim + 1, 0).reshape(size, -1)
-
-
 def _cost(group: PermGroup, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
           axes_by_tensor, perms, unknown: frozenset[str] = frozenset()) -> torch.Tensor:
     """The group's cost matrix; dims and factors where a group in ``unknown`` acts are summed out."""
@@ -74,8 +56,8 @@ def _cost(group: PermGroup, a: Mapping[str, torch.Tensor], b: Mapping[str, torch
         sum_dims = {x.dim for _, x in others if x.dim != ax.dim}
         sum_factors = any(x.dim == ax.dim for _, x in others)
         tb = _others_applied(b[ax.tensor], axes_by_tensor[ax.tensor], ax, perms)
-        ua = _units(a[ax.tensor], ax, group.size, sum_dims, sum_factors).double()
-        ub = _units(tb, ax, group.size, sum_dims, sum_factors).double()
+        ua = unit_rows(a[ax.tensor], ax, group.size, sum_dims, sum_factors).double()
+        ub = unit_rows(tb, ax, group.size, sum_dims, sum_factors).double()
         term = ua @ ub.T
         cost = term if cost is None else cost + term
     return cost
