@@ -13,7 +13,7 @@ from helpers import float64_inputs, single_axis_spec
 MODELS = [
     "torchvision:resnet18",
     "torchvision:mobilenet_v3_small",
-    "torchvision:convnext_tiny",
+    "timm:convnext_atto",
     "torchvision:efficientnet_b0",
     "torchvision:regnet_x_400mf",
     "torchvision:densenet121",
