@@ -22,6 +22,7 @@ from .frontend import capture, normalize_inputs
 from .match import NEEDS_DATA, Alignment, MatchContext, run_matcher
 from .merge import check_compatible, interpolate_state, reset_batchnorm
 from .merge.normalize import has_batchnorm
+from .merge.repair import channel_moments, find_layers, repair_state
 from .permute import permute_state_dict
 from .spec import PermutationSpec
 from .verify import verify_spec
@@ -29,7 +30,7 @@ from .verify import verify_spec
 __all__ = ["match", "align", "merge", "infer_example_inputs"]
 
 log = logging.getLogger(__name__)
-NORMALIZATIONS = (None, "reset")
+NORMALIZATIONS = (None, "reset", "repair", "rescale")
 
 
 def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
@@ -61,6 +62,19 @@ def _inputs(model, example_inputs, data) -> tuple[torch.Tensor, ...]:
     return got
 
 
+def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs, data):
+    """model_a's traced graph, its groups' activation sites, and a verified spec."""
+    inputs = _inputs(model_a, example_inputs, data)
+    traced = capture(model_a, inputs)
+    compiled, sites = analyze_with_sites(traced)
+    if spec is not None and [g.name for g in spec.groups] != [g.name for g in compiled.groups]:
+        raise ValueError("this method compiles model_a's graph itself and got other groups than the "
+                         "spec passed; pass spec=None")
+    if spec is None:
+        verify_spec(model_a, compiled, inputs)
+    return spec or compiled, traced, sites
+
+
 def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
           method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
           seed: int = 0, max_iter: int = 100, features: str = "pre") -> Alignment:
@@ -76,20 +90,12 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
         raise ValueError(f"method={method!r} needs data=: an iterable of input batches")
     ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features)
     if method in NEEDS_DATA:
-        inputs = _inputs(model_a, example_inputs, data)
-        ctx.traced = capture(model_a, inputs)
-        compiled, ctx.sites = analyze_with_sites(ctx.traced)
-        if spec is not None and [g.name for g in spec.groups] != [g.name for g in compiled.groups]:
-            raise ValueError(f"method={method!r} compiles model_a's graph itself and got other groups "
-                             "than the spec passed; pass spec=None")
-        if spec is None:
-            verify_spec(model_a, compiled, inputs)
-            spec = compiled
+        ctx.spec, ctx.traced, ctx.sites = _compile_a(model_a, spec, example_inputs, data)
     elif spec is None:
-        spec = trace(model_a, _inputs(model_a, example_inputs, data))
+        ctx.spec = trace(model_a, _inputs(model_a, example_inputs, data))
     else:
         spec.check_model(model_a.state_dict())
-    ctx.spec = spec
+    spec = ctx.spec
     t0 = time.perf_counter()
     perms, history = run_matcher(method, ctx)
     return Alignment(perms, method, history, time.perf_counter() - t0, spec)
@@ -109,7 +115,10 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     """A new model: ``(1 - alpha) * A + alpha * P(B)`` with ``P`` found by ``method``.
 
     ``alpha`` is the weight of model_b. ``normalize="reset"`` recomputes BatchNorm statistics on
-    ``data``; with ``normalize=None`` BatchNorm statistics are interpolated (a hint is logged).
+    ``data``; ``"repair"`` sets each merged conv / linear layer's pre-activation mean and std per
+    channel to the interpolation of the endpoints' (and resets BatchNorms), folded into the
+    weights; ``"rescale"`` does the same for the std only (`autoperm.merge.repair`). With
+    ``normalize=None`` BatchNorm statistics are interpolated (a hint is logged).
     Dims the spec froze are interpolated without alignment. Example::
 
         merged = autoperm.merge(model_a, model_b)                      # weight matching
@@ -117,12 +126,24 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(NORMALIZATIONS)}")
-    if normalize == "reset" and data is None:
-        raise ValueError("normalize='reset' recomputes BatchNorm statistics and needs data=: pass an "
+    if normalize is not None and data is None:
+        raise ValueError(f"normalize={normalize!r} measures activations and needs data=: pass an "
                          "iterable of input batches")
     al = match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs, seed=seed)
     aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
     state = interpolate_state(model_a.state_dict(), aligned_b, alpha)
+    if normalize in ("repair", "rescale"):
+        data = list(data)
+        _, traced, _ = _compile_a(model_a, al.spec, example_inputs, data)
+        grouped = {ax.tensor for g in al.spec.groups for ax in g.axes if ax.dim == 0}
+        layers = find_layers(traced, grouped)
+        dense = [layer for layer in layers if layer.kind == "dense"]
+        ma = channel_moments(traced, model_a.state_dict(), data, dense)
+        mb = channel_moments(traced, aligned_b, data, dense)
+        goal = {n: ((1 - alpha) * ma[n][0] + alpha * mb[n][0], (1 - alpha) * ma[n][1] + alpha * mb[n][1])
+                for n in ma}
+        state = repair_state(traced, state, layers, data, goal, mode=normalize)
+        log.info("%s: %d dense layers, %d BatchNorm layers", normalize, len(dense), len(layers) - len(dense))
     merged = copy.deepcopy(model_a)
     merged.load_state_dict(state)
     if normalize == "reset":

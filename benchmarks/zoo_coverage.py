@@ -405,8 +405,11 @@ def worker_main(cfg: dict) -> None:
     sys.stdout = sys.stderr
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.ERROR)
+    import torch
+
     import autoperm.zoo as zoo
 
+    torch.set_num_threads(cfg["threads"])
     zoo.import_timm()
     for line in sys.stdin:
         line = line.strip()
@@ -432,7 +435,8 @@ class Worker:
 
     def start(self):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(self.cfg)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.cfg["threads"]), MKL_NUM_THREADS=str(self.cfg["threads"]))
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         self.served = 0
 
     def stop(self):
@@ -603,8 +607,8 @@ def render_md(meta: dict, rows: dict) -> str:
          f"How produced: `{meta.get('command')}` ({meta.get('date')}; torch {meta['versions'].get('torch')}, "
          f"torchvision {meta['versions'].get('torchvision')}, timm {meta['versions'].get('timm')}, rebasin "
          f"{meta['versions'].get('rebasin')}, torch-pruning {meta['versions'].get('torch-pruning')}; autoperm "
-         f"{meta['versions'].get('autoperm')} @ {meta['versions'].get('autoperm_git')}; {meta.get('threads')} CPU threads, "
-         f"{meta.get('cpu')}).", "",
+         f"{meta['versions'].get('autoperm')} @ {meta['versions'].get('autoperm_git')}; {meta.get('threads')} torch thread(s) on "
+         f"{meta.get('cpu_cores')} {meta.get('cpu')} cores).", "",
          "Every torchvision classification model and the first model (sorted by name) of each timm family "
          f"(defining module) with <= {TIMM_MAX_PARAMS / 1e6:.0f}M parameters; torchvision models above "
          f"{TV_MAX_PARAMS / 1e6:.0f}M are skipped. Random init, input 2x3x64x64 where the model accepts it, else its "
@@ -765,6 +769,9 @@ def main():
     ap.add_argument("--tp-timeout", type=float, default=30)
     ap.add_argument("--hard-timeout", type=float, default=1800, help="per model, kills the worker")
     ap.add_argument("--recycle", type=int, default=15, help="restart the worker after this many models")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in the worker: 1 by default, since OpenMP threads spin-wait and slow "
+                         "down by 10x or more when other jobs share the CPU cores")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -778,7 +785,8 @@ def main():
 
     cfg = {"skip_peers": args.skip_peers, "trace_timeout": args.trace_timeout, "verify_timeout": args.verify_timeout,
            "rebasin_timeout": args.rebasin_timeout, "rebasin_iterations": args.rebasin_iterations,
-           "rebasin_max_params": args.rebasin_max_params, "tp_timeout": args.tp_timeout, "recycle": args.recycle}
+           "rebasin_max_params": args.rebasin_max_params, "tp_timeout": args.tp_timeout, "recycle": args.recycle,
+           "threads": args.threads}
     out = Path(args.out)
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
     t_sel = time.perf_counter()
@@ -795,7 +803,8 @@ def main():
     argv = " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
     meta = {"command": f"python benchmarks/zoo_coverage.py {argv}".strip(),
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "config": cfg,
+            "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(), "threads": args.threads,
+            "config": cfg,
             "selection": {"tv_max_params": TV_MAX_PARAMS, "timm_max_params": TIMM_MAX_PARAMS}}
     worker = Worker(cfg)
     t_all = time.perf_counter()
