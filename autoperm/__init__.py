@@ -8,6 +8,7 @@ Public API (see docs/api.md)::
 """
 
 from .api import trace
+from .curve import Curve, accuracy_barrier, interpolate, loss_barrier
 from .errors import (AnalysisError, AutopermError, ExampleInputError, PermutationError, ShapeMismatchError,
                      SpecError, TraceError, UnsoundSpecError, UnsupportedOpError)
 from .match import Alignment
@@ -21,7 +22,7 @@ from .verify import check_equivalence, perturbed, verify_spec
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "match", "align", "merge", "Alignment", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
+    "trace", "interpolate", "Curve", "loss_barrier", "accuracy_barrier", "match", "align", "merge", "Alignment", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
     "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",
     "check_equivalence", "coverage", "Coverage", "verify_spec", "perturbed", "AutopermError", "TraceError", "ExampleInputError",
     "UnsupportedOpError", "AnalysisError", "SpecError", "ShapeMismatchError", "PermutationError",

@@ -35,17 +35,19 @@ NORMALIZATIONS = (None, "reset", "repair", "rescale")
 
 def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     """Example inputs guessed from timm's ``pretrained_cfg`` or the first conv / linear / embedding."""
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    kw = {"dtype": p.dtype, "device": p.device} if p is not None else {}
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
-        return (torch.randn(2, *cfg["input_size"]),)
+        return (torch.randn(2, *cfg["input_size"], **kw),)
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            return (torch.randn(2, m.in_features),)
+            return (torch.randn(2, m.in_features, **kw),)
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
-            return (torch.randn(2, m.in_channels, *([32] * nd)),)
+            return (torch.randn(2, m.in_channels, *([32] * nd), **kw),)
         if isinstance(m, nn.Embedding):
-            return (torch.randint(0, m.num_embeddings, (2, 16)),)
+            return (torch.randint(0, m.num_embeddings, (2, 16), device=m.weight.device),)
     raise ValueError(f"cannot guess example inputs for {type(model).__name__}: pass example_inputs=")
 
 
@@ -111,7 +113,7 @@ def align(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
 
 def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method: str = "weight",
           spec: PermutationSpec | None = None, data: Iterable | None = None, example_inputs: Any = None,
-          normalize: str | None = None, seed: int = 0) -> nn.Module:
+          normalize: str | None = None, seed: int = 0, alignment: Alignment | None = None) -> nn.Module:
     """A new model: ``(1 - alpha) * A + alpha * P(B)`` with ``P`` found by ``method``.
 
     ``alpha`` is the weight of model_b. ``normalize="reset"`` recomputes BatchNorm statistics on
@@ -119,7 +121,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     channel to the interpolation of the endpoints' (and resets BatchNorms), folded into the
     weights; ``"rescale"`` does the same for the std only (`autoperm.merge.repair`). With
     ``normalize=None`` BatchNorm statistics are interpolated (a hint is logged).
-    Dims the spec froze are interpolated without alignment. Example::
+    Dims the spec froze are interpolated without alignment. ``alignment`` (from `match`) skips
+    the matching, e.g. to merge at several alphas. Example::
 
         merged = autoperm.merge(model_a, model_b)                      # weight matching
         merged = autoperm.merge(model_a, model_b, normalize="reset", data=loader)
@@ -129,7 +132,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     if normalize is not None and data is None:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=: pass an "
                          "iterable of input batches")
-    al = match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs, seed=seed)
+    al = alignment or match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs,
+                            seed=seed)
     aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
     state = interpolate_state(model_a.state_dict(), aligned_b, alpha)
     if normalize in ("repair", "rescale"):

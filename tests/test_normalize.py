@@ -54,3 +54,17 @@ def test_repair_resets_batchnorm_exactly():
         h = merged[0](torch.cat(data))
     assert torch.allclose(merged[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(merged[1].running_var, h.var((0, 2, 3), unbiased=False), rtol=1e-4)
+
+
+def test_interpolation_curve_and_barriers():
+    a, b = mlp(1), mlp(2)
+    x = torch.randn(32, 5, dtype=torch.float64)
+    curve = autoperm.interpolate(a, b, [0, 0.5, 1], lambda m: {"loss": m(x).pow(2).mean().item()})
+    ends = [curve.values[0]["loss"], curve.values[2]["loss"]]
+    assert ends[0] == pytest.approx(a(x).pow(2).mean().item())
+    assert ends[1] == pytest.approx(b(x).pow(2).mean().item())
+    assert curve.loss_barrier() == pytest.approx(max(0.0, curve.values[1]["loss"] - sum(ends) / 2))
+    assert autoperm.accuracy_barrier([0, 0.5, 1], [0.9, 0.5, 0.8]) == pytest.approx(0.35)
+    assert autoperm.loss_barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="alpha = 0 and alpha = 1"):
+        autoperm.loss_barrier([0.5], [1.0])

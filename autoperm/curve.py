@@ -1,0 +1,80 @@
+"""Interpolation curves and barriers.
+
+* Loss barrier (Knowledge Transfer in the Wild, ../papers/000, Eq. 1):
+  ``max_alpha L(f_alpha) - ((1 - alpha) L(f_A) + alpha L(f_B))``.
+* Accuracy barrier (the Vanishing Feature paper, ../papers/003, caption of Figure 6):
+  ``max_alpha (1 - alpha) Acc(f_A) + alpha Acc(f_B) - Acc(f_alpha)``.
+
+Both are maxima over the alphas evaluated (include 0 and 1). Here alpha is the weight of model B.
+
+Example::
+
+    curve = autoperm.interpolate(a, b, [0, 0.25, 0.5, 0.75, 1], evaluate=lambda m: {"acc": acc(m)})
+    curve.accuracy_barrier("acc")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+__all__ = ["Curve", "interpolate", "loss_barrier", "accuracy_barrier"]
+
+
+def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
+    """``max_alpha L(alpha) - ((1 - alpha) L(0) + alpha L(1))``; alphas must include 0 and 1."""
+    la, lb = _ends(alphas, losses)
+    return max(l - ((1 - a) * la + a * lb) for a, l in zip(alphas, losses))
+
+
+def accuracy_barrier(alphas: Sequence[float], accs: Sequence[float]) -> float:
+    """``max_alpha (1 - alpha) Acc(0) + alpha Acc(1) - Acc(alpha)``; alphas must include 0 and 1."""
+    aa, ab = _ends(alphas, accs)
+    return max((1 - a) * aa + a * ab - v for a, v in zip(alphas, accs))
+
+
+def _ends(alphas, values):
+    alphas = list(alphas)
+    if 0 not in alphas or 1 not in alphas:
+        raise ValueError("a barrier needs alpha = 0 and alpha = 1 among the alphas")
+    return values[alphas.index(0)], values[alphas.index(1)]
+
+
+@dataclass
+class Curve:
+    """Values of ``evaluate`` along the interpolation path; ``values[i]`` is a dict of metrics."""
+
+    alphas: list[float]
+    values: list[dict[str, float]] = field(default_factory=list)
+
+    def series(self, key: str) -> list[float]:
+        return [v[key] for v in self.values]
+
+    def loss_barrier(self, key: str = "loss") -> float:
+        return loss_barrier(self.alphas, self.series(key))
+
+    def accuracy_barrier(self, key: str = "acc") -> float:
+        return accuracy_barrier(self.alphas, self.series(key))
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float],
+                evaluate: Callable[[nn.Module], Any], *, method: str = "weight", **merge_kwargs) -> Curve:
+    """Evaluate ``merge(model_a, model_b, alpha=a, method=method, ...)`` for each alpha.
+
+    ``evaluate(model)`` returns a number (stored as ``"value"``) or a dict of numbers. The
+    alignment is computed once and reused for every alpha.
+    """
+    from .merging import match, merge
+
+    alphas = [float(a) for a in alphas]
+    if "alignment" not in merge_kwargs:
+        keys = ("spec", "data", "example_inputs", "seed")
+        merge_kwargs["alignment"] = match(model_a, model_b, method=method,
+                                          **{k: merge_kwargs[k] for k in keys if k in merge_kwargs})
+    curve = Curve(alphas)
+    for a in alphas:
+        out = evaluate(merge(model_a, model_b, alpha=a, method=method, **merge_kwargs))
+        curve.values.append(dict(out) if isinstance(out, dict) else {"value": float(out)})
+    return curve
