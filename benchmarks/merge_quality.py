@@ -1,0 +1,144 @@
+"""Merge quality on scikit-learn's digits: pairs trained from different seeds, merged by naive
+averaging, weight matching and activation matching, each without normalization and with RESET
+(BatchNorm models) / REPAIR / RESCALE.
+
+Usage: python benchmarks/merge_quality.py [--models mlp512,resnet20x4] [--epochs 30]
+Writes benchmarks/results/merge_quality.md and merge_quality.json. Per model: endpoint
+accuracies, the ensemble (averaged logits), and per method x normalization the midpoint
+accuracy, the accuracy barrier (Vanishing Feature paper, Fig. 6 caption) and the loss barrier
+(Distill-and-Merge, Eq. 1) over alpha in {0, .25, .5, .75, 1}, plus matching time.
+Sinkhorn and STE matching are not implemented yet, so they have no rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import autoperm  # noqa: E402
+from digits_models import MODELS  # noqa: E402
+
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def digits(seed=0):
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return (x[perm[:1400]], y[perm[:1400]]), (x[perm[1400:]], y[perm[1400:]])
+
+
+def train(factory, x, y, seed, epochs):
+    torch.manual_seed(seed)
+    model = factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=epochs * ((len(x) + 63) // 64))
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model, x, y):
+    logits = model(x)
+    return {"acc": (logits.argmax(1) == y).float().mean().item(), "loss": F.cross_entropy(logits, y).item()}
+
+
+def split_halves(x, y, seed):
+    """Class-biased halves: A sees 80% of classes 0-4 and 20% of 5-9, B the reverse."""
+    g = torch.Generator().manual_seed(seed)
+    low = y < 5
+    keep_a = torch.where(low, torch.rand(len(y), generator=g) < 0.8, torch.rand(len(y), generator=g) < 0.2)
+    return (x[keep_a], y[keep_a]), (x[~keep_a], y[~keep_a])
+
+
+def run_model(name, epochs, train_set, test_set):
+    factory, split = MODELS[name]
+    (xtr, ytr), (xte, yte) = train_set, test_set
+    if split:
+        (xa, ya), (xb, yb) = split_halves(xtr, ytr, 0)
+    else:
+        (xa, ya), (xb, yb) = (xtr, ytr), (xtr, ytr)
+    t0 = time.perf_counter()
+    a, b = train(factory, xa, ya, 1, epochs), train(factory, xb, yb, 2, epochs)
+    train_s = time.perf_counter() - t0
+    data = list(xtr.split(256))
+    ev = lambda m: evaluate(m, xte, yte)  # noqa: E731
+    with torch.no_grad():
+        ens_logits = (a(xte) + b(xte)) / 2
+    row = {"params": sum(p.numel() for p in a.parameters()), "train_s": train_s,
+           "acc_a": ev(a)["acc"], "acc_b": ev(b)["acc"],
+           "ensemble": (ens_logits.argmax(1) == yte).float().mean().item(), "merges": {}}
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
+    norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale"]
+    spec = autoperm.trace(a, xte[:4])
+    for method in ("identity", "weight", "activation"):
+        al = autoperm.match(a, b, spec, method=method, data=data)
+        for norm in norms:
+            curve = autoperm.interpolate(a, b, ALPHAS, ev, method=method, alignment=al, normalize=norm,
+                                         data=data if norm else None)
+            row["merges"][f"{method}/{norm or 'none'}"] = {
+                "mid_acc": curve.values[2]["acc"], "acc_barrier": curve.accuracy_barrier("acc"),
+                "loss_barrier": curve.loss_barrier("loss"), "match_s": al.seconds}
+            print(f"{name} {method}/{norm}: mid {curve.values[2]['acc']:.3f} "
+                  f"barrier {curve.accuracy_barrier('acc'):.3f}", file=sys.stderr, flush=True)
+    return row
+
+
+def render(rows, args):
+    lines = ["# merge quality on digits", "",
+             f"`python benchmarks/merge_quality.py --epochs {args.epochs}` (scikit-learn digits, 1400 train / "
+             "397 test, pairs trained from seeds 1 and 2; alpha is the weight of model B; barriers are maxima "
+             "over alpha in {0, .25, .5, .75, 1}; accuracies in %). Sinkhorn and STE matching are not "
+             "implemented yet.", ""]
+    for name, r in rows.items():
+        ends = (r["acc_a"] + r["acc_b"]) / 2
+        lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters)", "",
+                  f"endpoints {100 * r['acc_a']:.1f} / {100 * r['acc_b']:.1f} (mean {100 * ends:.1f}); "
+                  f"ensemble {100 * r['ensemble']:.1f}", "",
+                  "| method / normalization | midpoint acc | acc barrier | loss barrier | match s |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for key, m in r["merges"].items():
+            lines.append(f"| {key} | {100 * m['mid_acc']:.1f} | {100 * m['acc_barrier']:.1f} | "
+                         f"{m['loss_barrier']:.3f} | {m['match_s']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    train_set, test_set = digits()
+    rows = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.models.split(","):
+        rows[name] = run_model(name, args.epochs, train_set, test_set)
+        (out / "merge_quality.json").write_text(json.dumps(rows, indent=1))
+        (out / "merge_quality.md").write_text(render(rows, args))
+    print(render(rows, args))
+
+
+if __name__ == "__main__":
+    main()
