@@ -64,6 +64,13 @@ def _inputs(model, example_inputs, data) -> tuple[torch.Tensor, ...]:
     return got
 
 
+def _reiterable(data):
+    """``data`` as something that can be iterated more than once (a generator becomes a list)."""
+    if data is not None and iter(data) is data:
+        return list(data)
+    return data
+
+
 def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs, data):
     """model_a's traced graph, its groups' activation sites, and a verified spec."""
     inputs = _inputs(model_a, example_inputs, data)
@@ -88,6 +95,7 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
         model_b_aligned = autoperm.permute(model_b, al.spec, al.perms)
     """
     check_compatible(model_a, model_b)
+    data = _reiterable(data)
     if method in NEEDS_DATA and data is None:
         raise ValueError(f"method={method!r} needs data=: an iterable of input batches")
     ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features)
@@ -129,6 +137,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(NORMALIZATIONS)}")
+    check_compatible(model_a, model_b)
+    data = _reiterable(data)
     if normalize is not None and data is None:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=: pass an "
                          "iterable of input batches")
