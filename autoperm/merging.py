@@ -17,7 +17,6 @@ from torch import nn
 
 from ._data import first_inputs
 from .analysis import analyze_with_sites
-from .api import trace
 from .frontend import capture, normalize_inputs
 from .match import NEEDS_DATA, Alignment, MatchContext, run_matcher
 from .merge import check_compatible, interpolate_state, reset_batchnorm
@@ -99,16 +98,14 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
     if method in NEEDS_DATA and data is None:
         raise ValueError(f"method={method!r} needs data=: an iterable of input batches")
     ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features)
-    if method in NEEDS_DATA:
+    if method in NEEDS_DATA or spec is None:
         ctx.spec, ctx.traced, ctx.sites = _compile_a(model_a, spec, example_inputs, data)
-    elif spec is None:
-        ctx.spec = trace(model_a, _inputs(model_a, example_inputs, data))
     else:
         spec.check_model(model_a.state_dict())
     spec = ctx.spec
     t0 = time.perf_counter()
     perms, history = run_matcher(method, ctx)
-    return Alignment(perms, method, history, time.perf_counter() - t0, spec)
+    return Alignment(perms, method, history, time.perf_counter() - t0, spec, ctx.traced)
 
 
 def align(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
@@ -148,7 +145,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     state = interpolate_state(model_a.state_dict(), aligned_b, alpha)
     if normalize in ("repair", "rescale"):
         data = list(data)
-        _, traced, _ = _compile_a(model_a, al.spec, example_inputs, data)
+        traced = al.traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
         grouped = {ax.tensor for g in al.spec.groups for ax in g.axes if ax.dim == 0}
         layers = find_layers(traced, grouped)
         dense = [layer for layer in layers if layer.kind == "dense"]

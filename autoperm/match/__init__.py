@@ -28,6 +28,7 @@ class Alignment:
     history: list[float] = field(default_factory=list)
     seconds: float = 0.0
     spec: PermutationSpec | None = None
+    traced: Any = field(default=None, repr=False)  # model_a's TracedGraph, reused by REPAIR
 
 
 @dataclass
