@@ -82,11 +82,18 @@ def _time_limit(seconds: float):
 
 
 def _count_meta(factory) -> int:
+    """Parameters of ``factory()`` built on the meta device, or on the CPU where the meta build fails
+    (torchvision's RegNets initialize with ops that have no meta kernel)."""
     import torch
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:  # noqa: BLE001
         model = factory()
-    return sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    return n
 
 
 def _versions() -> dict:
@@ -411,6 +418,16 @@ def worker_main(cfg: dict) -> None:
 
     torch.set_num_threads(cfg["threads"])
     zoo.import_timm()
+    # autoperm is imported from the working tree, which may change during a long run: note its commit
+    # and whether the package has uncommitted changes, per row
+    git = ["git", "-C", str(HERE.parent)]
+    try:
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(git + ["status", "--porcelain", "--", "autoperm"], capture_output=True,
+                                    text=True).stdout.strip())
+        code_version = f"{head}{'+dirty' if dirty else ''}"
+    except OSError:
+        code_version = None
     for line in sys.stdin:
         line = line.strip()
         if not line:
@@ -418,6 +435,7 @@ def worker_main(cfg: dict) -> None:
         cand = json.loads(line)
         try:
             row = run_one(cand, cfg)
+            row["autoperm_code"] = code_version
         except BaseException as e:  # noqa: BLE001
             row = {k: cand.get(k) for k in ("source", "name", "key", "family", "params")}
             row.update(status="worker error", error=_err(e), traceback=traceback.format_exc()[-3000:])
@@ -604,7 +622,10 @@ def render_md(meta: dict, rows: dict) -> str:
     if len(by_src) > 1:
         by_src["all"] = allrows
     L = ["# zoo coverage", "",
-         f"How produced: `{meta.get('command')}` ({meta.get('date')}; torch {meta['versions'].get('torch')}, "
+         ("How produced: " + ", then (resuming, rows already present kept) ".join(
+             f"`{c.rsplit(' (', 1)[0]}` ({c.rsplit(' (', 1)[1]}" for c in meta["command_history"])
+          if meta.get("command_history") else f"How produced: `{meta.get('command')}` ({meta.get('date')})")
+         + f" (torch {meta['versions'].get('torch')}, "
          f"torchvision {meta['versions'].get('torchvision')}, timm {meta['versions'].get('timm')}, rebasin "
          f"{meta['versions'].get('rebasin')}, torch-pruning {meta['versions'].get('torch-pruning')}; autoperm "
          f"{meta['versions'].get('autoperm')} @ {meta['versions'].get('autoperm_git')}; {meta.get('threads')} torch thread(s) on "
@@ -629,6 +650,13 @@ def render_md(meta: dict, rows: dict) -> str:
          "parameters of >= 2 layers. Times are wall-clock seconds on a machine that other jobs may share (each "
          "row's JSON has the 1-minute load average at its start, and the CPU seconds of compile and verify, "
          "which depend less on that load).", ""]
+    L += ["Observed peer limitations behind the failures below (rebasin 0.0.47 source, `rebasin/modules.py`): "
+          "`OneDimModule` permutes a 1-D module's `weight` and `bias` but not BatchNorm's `running_mean` / "
+          "`running_var`, so model b's function changes wherever those statistics are not the defaults 0 and 1 "
+          "(as after training, or here after perturbation; with default statistics resnet18 keeps its function, "
+          "relative error 5e-7); `initialize_module` selects special modules with `isinstance` but looks them up by "
+          "exact type, so subclasses of `nn.LayerNorm` (torchvision's and timm's `LayerNorm2d`, timm's `LayerNorm`) "
+          "raise `KeyError`.", ""]
     L += ["## Summary", "",
           "| source | models attempted | skipped (size) | traced | verified | non-trivial spec | UNSOUND | compile s median | "
           "compile s max (model) | compile CPU s median | verify s median | median param share | median hidden share | rebasin ran | rebasin fn preserved "
@@ -691,7 +719,8 @@ def render_md(meta: dict, rows: dict) -> str:
           "| --- | ---: | --- | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- "
           "| --- | ---: | ---: | --- | ---: | ---: |"]
     for r in allrows:
-        p = _fmt(r["params"] / 1e6, ".1f") if r.get("params") else "?"
+        n_params = r.get("params") or r.get("params_actual")
+        p = _fmt(n_params / 1e6, ".1f") if n_params else "?"
         if r.get("status") == "skipped":
             L.append(f"| {r['key']} | {p} | - | skipped: {r.get('skip')} |" + " |" * 19)
             continue
@@ -773,7 +802,12 @@ def main():
                     help="torch threads in the worker: 1 by default, since OpenMP threads spin-wait and slow "
                          "down by 10x or more when other jobs share the CPU cores")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--render-only", action="store_true", help="rewrite DIR/zoo_coverage.md from the JSON")
     args = ap.parse_args()
+    if args.render_only:
+        data = json.loads((Path(args.out) / "zoo_coverage.json").read_text())
+        (Path(args.out) / "zoo_coverage.md").write_text(render_md(data["meta"], data["rows"]))
+        return
     if args.worker is not None:
         worker_main(json.loads(args.worker))
         return
@@ -794,10 +828,14 @@ def main():
     print(f"selected {len(cands)} models in {time.perf_counter() - t_sel:.0f}s "
           f"({sum(1 for c in cands if c['skip'])} skipped for size)", file=sys.stderr, flush=True)
     rows: dict = {}
+    history: list[str] = []
     jpath = out / "zoo_coverage.json"
     if jpath.exists() and not args.fresh:
         try:
-            rows = json.loads(jpath.read_text()).get("rows", {})
+            old_data = json.loads(jpath.read_text())
+            rows = old_data.get("rows", {})
+            old_meta = old_data.get("meta", {})
+            history = old_meta.get("command_history") or [f"{old_meta.get('command')} ({old_meta.get('date')})"]
         except (OSError, ValueError):
             rows = {}
     argv = " ".join(a if " " not in a else repr(a) for a in sys.argv[1:])
@@ -806,13 +844,18 @@ def main():
             "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(), "threads": args.threads,
             "config": cfg,
             "selection": {"tv_max_params": TV_MAX_PARAMS, "timm_max_params": TIMM_MAX_PARAMS}}
+    meta["command_history"] = history + [f"{meta['command']} ({meta['date']})"] if history else []
+    if rows and not names and not args.limit:  # a full run: drop rows of models no longer selected
+        keys = {c["key"] for c in cands}
+        srcs = {c["source"] for c in cands}
+        rows = {k: r for k, r in rows.items() if k in keys or r.get("source") not in srcs}
     worker = Worker(cfg)
     t_all = time.perf_counter()
     try:
         for i, cand in enumerate(cands, 1):
             key = cand["key"]
             old = rows.get(key)
-            if old and (old.get("status") == "skipped" or (old.get("status") == "done" and (
+            if not cand["skip"] and old and (old.get("status") == "skipped" or (old.get("status") == "done" and (
                     args.skip_peers or "rebasin" in old or not old.get("input_shape")))):
                 print(f"[{i}/{len(cands)}] {key}: already in {jpath.name}, kept", file=sys.stderr, flush=True)
                 continue
