@@ -15,7 +15,6 @@ storage, and where each node came from (module path, source line) for messages.
 
 from __future__ import annotations
 
-import copy
 import logging
 import traceback
 import warnings
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._copy import copy_module
 from .errors import ExampleInputError, TraceError
 
 __all__ = ["TracedGraph", "capture", "normalize_inputs", "node_origin"]
@@ -131,7 +131,7 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     try:
-        work = copy.deepcopy(model).eval()
+        work = copy_module(model).eval()
     except Exception as e:
         raise TraceError(
             f"could not copy {type(model).__name__} (autoperm never traces the caller's model "

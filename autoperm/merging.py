@@ -7,7 +7,6 @@ is returned.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any, Iterable
@@ -15,6 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ._copy import copy_module
 from ._data import first_inputs
 from .analysis import analyze_with_sites
 from .frontend import capture, normalize_inputs
@@ -155,7 +155,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
                 for n in ma}
         state = repair_state(traced, state, layers, data, goal, mode=normalize)
         log.info("%s: %d dense layers, %d BatchNorm layers", normalize, len(dense), len(layers) - len(dense))
-    merged = copy.deepcopy(model_a)
+    merged = copy_module(model_a)
     merged.load_state_dict(state)
     if normalize == "reset":
         merged = reset_batchnorm(merged, data)

@@ -6,13 +6,13 @@ A permutation ``p`` (a LongTensor holding each of ``0..n-1`` once) acts by gathe
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from ._copy import copy_module
 from .errors import PermutationError
 from .spec import Axis, PermutationSpec
 
@@ -136,7 +136,7 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
     state = model.state_dict()
     spec.check_model(state)
     new_state = permute_state_dict(state, spec, perms)
-    out = copy.deepcopy(model)
+    out = copy_module(model)
     out.load_state_dict(new_state)
     return out
 

@@ -11,7 +11,6 @@ scale. Signs are kept, so running variances stay positive.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ._copy import copy_module
 from .errors import UnsoundSpecError
 from .permute import identity_permutation, permute, random_permutation
 from .spec import PermutationSpec
@@ -37,7 +37,7 @@ def to_float64(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 def perturbed(model: nn.Module, seed: int = 0, *, dtype: torch.dtype = torch.float64) -> nn.Module:
     """A copy of ``model`` in ``dtype`` with every float parameter and buffer randomized."""
     gen = torch.Generator().manual_seed(int(seed))
-    out = copy.deepcopy(model).to(dtype).eval()
+    out = copy_module(model).to(dtype).eval()
     seen: set[int] = set()
     for t in list(out.parameters()) + list(out.buffers()):
         if id(t) in seen or not t.is_floating_point():
@@ -105,7 +105,7 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, inputs: Sequence[torch.
     if not all(torch.isfinite(t).all() for t in tree_leaves(ref) if isinstance(t, torch.Tensor)
                and t.is_floating_point()):
         log.warning("perturbed model gives non-finite outputs; checking the unperturbed float64 model")
-        m64 = copy.deepcopy(model).double().eval()
+        m64 = copy_module(model).double().eval()
     perms = random_permutation(spec, seed, derangement=True)
     err = check_equivalence(m64, spec, perms, x64)
     failing: dict[str, float] = {}

@@ -67,9 +67,37 @@ def test_symbolic_strides_differing_by_a_constant():
     assert_sound(BatchReshapes(), torch.randn(3, 6))
 
 
-def test_legacy_weight_norm_gets_a_clear_error():
+def test_legacy_weight_norm_is_copied_and_frozen():
+    """The legacy weight_norm hook stores a non-leaf weight on the module: copying must work, and
+    the unknown ``_weight_norm`` op freezes what it touches."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 6)), nn.ReLU(), nn.Linear(6, 3))
-    with pytest.raises(autoperm.TraceError, match="parametrizations.weight_norm"):
-        autoperm.trace(model, torch.randn(2, 8))
+    spec = autoperm.trace(model, torch.randn(2, 8))
+    assert spec.meta["unsupported_ops"] == {"aten._weight_norm.default": 1}
+    assert spec.groups == []
+
+
+class CachesInForward(nn.Module):
+    """Like timm's EfficientFormer: eval mode caches a tensor computed from a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+        self.cache = {}
+
+    def forward(self, x):
+        if not self.training:
+            self.cache["s"] = self.scale * 2  # a non-leaf tensor stored on the module
+        return self.fc2(torch.relu(self.fc1(x)) * self.scale * 2)
+
+
+def test_model_that_cached_a_non_leaf_tensor_can_be_traced_and_merged():
+    model = CachesInForward().eval()
+    x = torch.randn(3, 4)
+    model(x)
+    spec = autoperm.trace(model, x)
+    assert len(spec.groups) == 1
+    merged = autoperm.merge(model, CachesInForward().eval(), example_inputs=x)
+    assert merged(x).shape == (3, 2)

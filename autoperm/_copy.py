@@ -1,0 +1,39 @@
+"""Deep copies of modules that also work after the module cached autograd-tracked tensors.
+
+Some models store tensors computed in forward on themselves (timm's EfficientFormer caches its
+attention bias in eval mode); ``copy.deepcopy`` refuses such non-leaf tensors. `copy_module`
+copies them detached, so copying never fails because the caller ran the model first.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+__all__ = ["copy_module"]
+
+
+def _non_leaf(value, memo: dict, depth: int = 0) -> None:
+    if depth > 3:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None and id(value) not in memo:
+            memo[id(value)] = value.detach().clone()
+    elif isinstance(value, dict):
+        for v in value.values():
+            _non_leaf(v, memo, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _non_leaf(v, memo, depth + 1)
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, with tensors cached by forward (non-leaf) copied detached."""
+    memo: dict = {}
+    for m in model.modules():
+        for name, value in vars(m).items():
+            if name != "_modules":  # submodules are visited by model.modules()
+                _non_leaf(value, memo)
+    return copy.deepcopy(model, memo)
