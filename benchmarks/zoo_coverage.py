@@ -59,6 +59,14 @@ def _err(e: BaseException) -> dict:
     return {"type": type(e).__name__, "message": _first_line(e)}
 
 
+def _tb() -> str:
+    """The current exception's traceback without the frames of copy.py (deep copies nest deeply)."""
+    etype, exc, tb = sys.exc_info()
+    frames = [f for f in traceback.extract_tb(tb) if not f.filename.endswith("/copy.py")]
+    text = "".join(traceback.format_list(frames)) + "".join(traceback.format_exception_only(etype, exc))
+    return text if len(text) <= 4000 else text[:1500] + "\n...\n" + text[-2500:]
+
+
 class _Timeout(BaseException):
     """Raised by SIGALRM; a BaseException so that library ``except Exception`` cannot swallow it."""
 
@@ -235,7 +243,7 @@ def _run_autoperm(cand: dict, cfg: dict, row: dict):
         except Exception as e:  # noqa: BLE001
             ap.update(stage="trace", error=_err(e))
             if not isinstance(e, autoperm.TraceError):
-                ap["traceback"] = traceback.format_exc()[-3000:]
+                ap["traceback"] = _tb()
         break
     if spec is None:
         return model, x
@@ -269,7 +277,7 @@ def _run_autoperm(cand: dict, cfg: dict, row: dict):
             ap.update(verify_error_exc=_err(e) | {"type": "Timeout"})
             break
         except Exception as e:  # noqa: BLE001
-            ap.update(verify_error_exc=_err(e), traceback=traceback.format_exc()[-3000:])
+            ap.update(verify_error_exc=_err(e), traceback=_tb())
             break
     ap["verify_all_s"] = time.perf_counter() - t_verify
     ap["verify_errors"] = {str(k): v for k, v in errors.items()}
@@ -438,7 +446,7 @@ def worker_main(cfg: dict) -> None:
             row["autoperm_code"] = code_version
         except BaseException as e:  # noqa: BLE001
             row = {k: cand.get(k) for k in ("source", "name", "key", "family", "params")}
-            row.update(status="worker error", error=_err(e), traceback=traceback.format_exc()[-3000:])
+            row.update(status="worker error", error=_err(e), traceback=_tb())
         proto.write(RESULT_PREFIX + json.dumps(row, default=str) + "\n")
         proto.flush()
 
@@ -681,21 +689,18 @@ def render_md(meta: dict, rows: dict) -> str:
     # autoperm bugs first
     bugs = []
     for r in allrows:
-        ap = r.get("autoperm") or {}
-        if r.get("status") in ("worker crash", "worker error", "hard timeout"):
-            bugs.append((r["key"], r["status"], r.get("error", {}).get("message", "")))
-        elif ap.get("traced") and ap.get("verified") is False:
-            msg = ap.get("unsound_error") or f"verify errors {ap.get('verify_errors')}, failing {ap.get('failing_groups')}"
-            bugs.append((r["key"], "UNSOUND", msg.splitlines()[0][:600]))
-        elif ap.get("traced") and ap.get("verified") is None:
-            bugs.append((r["key"], "verify crashed", f"{ap['verify_error_exc']['type']}: {ap['verify_error_exc']['message']}"))
-        elif not ap.get("traced") and ap.get("stage") == "trace" and ap.get("error", {}).get("type") not in (
-                "TraceError", "ExampleInputError", "Timeout"):
-            bugs.append((r["key"], "autoperm crash", f"{ap['error']['type']}: {ap['error']['message']}"))
+        bug = _bug_of(r)
+        prev = r.get("previous")
+        if bug:
+            bugs.append((r["key"], bug[0], bug[1], r.get("autoperm_code") or "?"))
+        if prev and _bug_of(prev):
+            what, msg = _bug_of(prev)
+            now = f"; re-run at {r.get('autoperm_code') or '?'}: " + (bug[0] if bug else "no longer fails")
+            bugs.append((r["key"], what + now, msg, prev.get("autoperm_code") or "before the re-run"))
     L += ["## autoperm crashes and UNSOUND specs", ""]
     if bugs:
-        L += ["| model | what | error |", "| --- | --- | --- |"]
-        L += [f"| {k} | {w} | {m.replace('|', '/')} |" for k, w, m in bugs]
+        L += ["| model | what | error | autoperm code |", "| --- | --- | --- | --- |"]
+        L += [f"| {k} | {w} | {m.replace('|', '/')} | {c} |" for k, w, m, c in bugs]
     else:
         L.append("None.")
     L.append("")
@@ -761,6 +766,22 @@ def render_md(meta: dict, rows: dict) -> str:
     return "\n".join(L)
 
 
+def _bug_of(r: dict) -> tuple[str, str] | None:
+    """(what, message) where a row shows an autoperm bug: a crash or an UNSOUND spec."""
+    ap = r.get("autoperm") or {}
+    if r.get("status") in ("worker crash", "worker error", "hard timeout"):
+        return r["status"], (r.get("error") or {}).get("message", "")
+    if ap.get("traced") and ap.get("verified") is False:
+        msg = ap.get("unsound_error") or f"verify errors {ap.get('verify_errors')}, failing {ap.get('failing_groups')}"
+        return "UNSOUND", msg.splitlines()[0][:600]
+    if ap.get("traced") and ap.get("verified") is None:
+        return "verify crashed", f"{ap['verify_error_exc']['type']}: {ap['verify_error_exc']['message']}"
+    if not ap.get("traced") and ap.get("stage") == "trace" and (ap.get("error") or {}).get("type") not in (
+            "TraceError", "ExampleInputError", "Timeout"):
+        return "autoperm crash", f"{ap['error']['type']}: {ap['error']['message']}"
+    return None
+
+
 def _grouped(rows: list[dict], cause_of) -> list[str]:
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for r in rows:
@@ -803,6 +824,9 @@ def main():
                          "down by 10x or more when other jobs share the CPU cores")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--render-only", action="store_true", help="rewrite DIR/zoo_coverage.md from the JSON")
+    ap.add_argument("--rerun-failed", action="store_true",
+                    help="when resuming, run again the models whose row shows an autoperm crash or UNSOUND spec "
+                         "(the earlier row is kept under 'previous')")
     args = ap.parse_args()
     if args.render_only:
         data = json.loads((Path(args.out) / "zoo_coverage.json").read_text())
@@ -855,14 +879,17 @@ def main():
         for i, cand in enumerate(cands, 1):
             key = cand["key"]
             old = rows.get(key)
-            if not cand["skip"] and old and (old.get("status") == "skipped" or (old.get("status") == "done" and (
-                    args.skip_peers or "rebasin" in old or not old.get("input_shape")))):
+            rerun = args.rerun_failed and old and _bug_of(old)
+            if not cand["skip"] and not rerun and old and (old.get("status") == "skipped" or (
+                    old.get("status") == "done" and (args.skip_peers or "rebasin" in old or not old.get("input_shape")))):
                 print(f"[{i}/{len(cands)}] {key}: already in {jpath.name}, kept", file=sys.stderr, flush=True)
                 continue
             if cand["skip"]:
                 row = {k: cand.get(k) for k in ("source", "name", "key", "family", "params", "skip")} | {"status": "skipped"}
             else:
                 row = worker.run(cand, args.hard_timeout)
+                if rerun:
+                    row["previous"] = {k: old.get(k) for k in ("status", "error", "autoperm", "autoperm_code")}
             rows[key] = row
             meta["elapsed_s"] = time.perf_counter() - t_all
             write_outputs(out, meta, rows)
