@@ -8,7 +8,8 @@ and applies them. Then:
 * a node whose op has no rule freezes every atom it touches, with the reason
   (``"no rule for aten.roll.default at layer3.0 (model.py:88)"``);
 * placeholders without a state_dict key (non-persistent buffers, lifted constants) and
-  parameters the forward never uses are frozen with that reason;
+  parameters the forward never uses are frozen with that reason, except the dims along which
+  such a constant is constant (no permutation changes it there: `autoperm._invariance`);
 * tied weights (one storage, several names) are joined dim by dim.
 
 Each remaining leaf class that touches a state_dict tensor is a `PermGroup`; each place it does
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
+from ._invariance import constant_dims
 from .errors import AnalysisError, UnsupportedOpError
 from .frontend import TracedGraph, node_origin
 from .ir import AtomTable
@@ -128,8 +130,13 @@ def _freeze_interface(tg: TracedGraph, table: AtomTable, values: dict) -> None:
         for a in _flat(values.get(by_name[name])):
             table.freeze(a, "model input")
     for name, why in tg.keyless.items():
-        for a in _flat(values.get(by_name[name])):
-            table.freeze(a, why)
+        atoms = values.get(by_name[name])
+        value = tg.constants.get(name)
+        free = set(constant_dims(value)) if isinstance(value, torch.Tensor) and isinstance(atoms, list) \
+            and len(atoms) == value.dim() else set()
+        for d, a in enumerate(atoms if isinstance(atoms, list) else _flat(atoms)):
+            if d not in free:  # a dim the tensor is constant along is left unchanged by any permutation
+                table.freeze(a, why)
     canon_of = {alias: c for c, aliases in tg.tied.items() for alias in aliases} | {c: c for c in tg.tied}
     used_storage = {canon_of.get(key, key) for name, key in tg.state_keys.items() if by_name[name].users}
     for name, key in tg.state_keys.items():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ._copy import copy_module
+from ._split_stacked import split_stacked
 from .errors import ExampleInputError, TraceError
 
 __all__ = ["TracedGraph", "capture", "normalize_inputs", "node_origin"]
@@ -176,6 +177,7 @@ def _export_program(model: nn.Module, work: nn.Module, inputs, batched, dynamic:
 def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:
     from torch.export.graph_signature import InputKind
 
+    split_stacked(ep.graph_module)  # fused qkv: one chain per slice, so q / k and v get own atoms
     sd = model.state_dict()
     state_keys: dict[str, str] = {}
     keyless: dict[str, str] = {}

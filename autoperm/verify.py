@@ -6,7 +6,9 @@ examples. It is a check on examples, not a proof: soundness comes from the rules
 `perturbed` returns a float64 copy of a model with every floating-point parameter and buffer
 changed by a random factor (and all-zero tensors filled with small noise), so that a rule which
 forgets a tensor cannot hide behind BatchNorm's default statistics (0 and 1) or a constant layer
-scale. Signs are kept, so running variances stay positive.
+scale. Signs are kept, so running variances stay positive. Non-persistent buffers stay constant
+along the dims they are constant along (`autoperm._invariance`): no permutation can be written
+into them, and the analysis only lets a group act on such a dim because it is constant.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from ._copy import copy_module
+from ._invariance import constant_dims, perturb_keeping
 from .errors import UnsoundSpecError
 from .permute import identity_permutation, permute, random_permutation
 from .spec import PermutationSpec
@@ -39,15 +42,14 @@ def perturbed(model: nn.Module, seed: int = 0, *, dtype: torch.dtype = torch.flo
     gen = torch.Generator().manual_seed(int(seed))
     out = copy_module(model).to(dtype).eval()
     seen: set[int] = set()
+    fixed = {id(buf) for m in out.modules() for n, buf in m.named_buffers(recurse=False)
+             if n in m._non_persistent_buffers_set}
     for t in list(out.parameters()) + list(out.buffers()):
         if id(t) in seen or not t.is_floating_point():
             continue
         seen.add(id(t))
-        factor = 0.5 + torch.rand(t.shape, generator=gen, dtype=dtype)
-        if bool((t == 0).all()):
-            t.copy_(0.1 * torch.randn(t.shape, generator=gen, dtype=dtype))
-        else:
-            t.mul_(factor.to(t.device))
+        # a non-persistent buffer keeps the dims it is constant along (the analysis relies on them)
+        perturb_keeping(t, constant_dims(t) if id(t) in fixed else [], gen)
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -68,9 +69,39 @@ def mobilenet():
                          nn.ReLU6(), InvRes(48), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
 
 
+class ViTBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        h = self.n1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.n2(x))
+
+
+class DigitsViT(nn.Module):
+    """A small ViT on 2x2 patches of the 8x8 digits: 16 tokens + a class token, 2 blocks."""
+
+    def __init__(self, dim=64, heads=4, depth=2):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 2, stride=2)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, 17, dim))
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.norm(self.blocks(t))[:, 0])
+
+
 # name -> (factory, trained on class-biased halves?)
 MODELS = {
     "mlp32": (mlp(32), False), "mlp128": (mlp(128), False), "mlp512": (mlp(512), False),
     "vgg": (vgg, False), "resnet20x1": (lambda: ResNet20(1), False), "resnet20x4": (lambda: ResNet20(4), False),
-    "mobilenetv2": (mobilenet, False), "mlp128_split": (mlp(128), True),
+    "mobilenetv2": (mobilenet, False), "mlp128_split": (mlp(128), True), "vit": (DigitsViT, False),
 }

@@ -101,3 +101,64 @@ def test_model_that_cached_a_non_leaf_tensor_can_be_traced_and_merged():
     assert len(spec.groups) == 1
     merged = autoperm.merge(model, CachesInForward().eval(), example_inputs=x)
     assert merged(x).shape == (3, 2)
+
+
+class SelectiveKernel(nn.Module):
+    """Two conv branches stacked on a new dim and mixed by a softmax over it (timm's SKNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 6, 5, padding=2)
+        self.attn = nn.Conv2d(6, 12, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        branches = torch.stack([self.a(x), self.b(x)], dim=1)  # N, 2, C, H, W
+        w = self.attn(branches.sum(1).mean((2, 3), keepdim=True)).view(x.shape[0], 2, 6, 1, 1)
+        return self.head((branches * w.softmax(1)).sum(1))
+
+
+def test_stack_ties_the_stacked_tensors_and_freezes_the_new_dim():
+    """aten.stack had no rule, which froze every SKNet channel (hidden share 0.29 on skresnet18)."""
+    model = SelectiveKernel()
+    spec = assert_sound(model, torch.randn(2, 3, 8, 8))
+    groups = {frozenset(ax.tensor for ax in g.axes) for g in spec.groups}
+    assert any({"a.weight", "b.weight", "head.weight"} <= members for members in groups)
+    # negative control: permuting branch a's channels alone changes the output
+    g = next(g for g in spec.groups if any(ax.tensor == "a.weight" and ax.dim == 0 for ax in g.axes))
+    lone = autoperm.PermutationSpec([autoperm.PermGroup(g.name, g.size, [ax for ax in g.axes if ax.tensor.startswith("a.")])],
+                                    [], dict(spec.shapes), dict(spec.tied))
+    perms = autoperm.random_permutation(lone, 0, derangement=True)
+    assert autoperm.check_equivalence(autoperm.perturbed(model, 0), lone, perms, (torch.randn(2, 3, 8, 8).double(),)) > 1e-3
+
+
+class ZeroKeyBias(nn.Module):
+    """BEiT / EVA attention: qkv bias = cat(q_bias, k_bias, v_bias), k_bias a non-persistent zero buffer."""
+
+    def __init__(self, dim=8, heads=2, k_bias=None):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(dim)), nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim) if k_bias is None else k_bias, persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = nn.functional.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+def test_constant_non_persistent_buffer_does_not_freeze_attention_heads():
+    """BEiT's zero k_bias froze every head and head_dim group (13 groups on beit_base)."""
+    x = torch.randn(2, 5, 8)
+    spec = assert_sound(ZeroKeyBias(), x)
+    on_qkv = [g for g in spec.groups if any(ax.tensor == "qkv.weight" and ax.dim == 0 for ax in g.axes)]
+    assert {g.size for g in on_qkv} == {2, 4}, [(g.name, g.size) for g in on_qkv]  # heads and head_dim
+    # a non-persistent buffer that varies along its dim still freezes it
+    varying = ZeroKeyBias(k_bias=torch.arange(8.0))
+    spec2 = assert_sound(varying, x)
+    assert not any(ax.tensor == "qkv.weight" and ax.dim == 0 for g in spec2.groups for ax in g.axes)
+    assert any("k_bias" in f.reason for f in spec2.frozen)

@@ -45,5 +45,13 @@ def test_zoo_model_spec_is_sound_and_useful(name):
 def test_vit_gets_head_and_head_dim_groups():
     model, x = load("timm:vit_tiny_patch16_224", image_size=64)
     spec = autoperm.trace(model, x, verify=False)
-    layouts = {(g.size, a.outer, a.inner) for g, a in spec.axes_of("blocks.0.attn.qkv.weight") if a.dim == 0}
-    assert layouts == {(3, 3, 64), (64, 9, 1)}, "3 heads x head_dim 64 on the fused qkv"
+    layouts = {(g.name, g.size, a.offset, a.outer, a.inner) for g, a in spec.axes_of("blocks.0.attn.qkv.weight")
+               if a.dim == 0}
+    heads = {(o, out, i) for _, s, o, out, i in layouts if s == 3}
+    assert heads == {(0, 1, 64), (192, 1, 64), (384, 1, 64)}, "3 heads of 64 in each of q, k, v"
+    head_dim = {}
+    for name, s, o, out, i in layouts:
+        if s == 64:
+            head_dim.setdefault(name, set()).add((o, out, i))
+    # one head_dim group shared by q and k, another by v (and the output projection)
+    assert sorted(map(sorted, head_dim.values())) == [[(0, 3, 1), (192, 3, 1)], [(384, 3, 1)]]

@@ -123,6 +123,19 @@ def cat(ctx: RuleContext) -> list[Constraint]:
     return cons
 
 
+@register_rule(*aten_ops("stack"))
+def stack(ctx: RuleContext) -> list[Constraint]:
+    """Stack: a new dim with one slot per input (frozen); the inputs' dims are tied to the rest."""
+    parts = [p for p in (ctx.atoms(t) for t in ctx.arg("tensors")) if p is not None]
+    out = ctx.out
+    d = norm_dim(ctx.arg("dim", 0), len(out))
+    cons = ctx.freeze([out[d]], "stack index (one fixed slot per stacked tensor)")
+    rest = out[:d] + out[d + 1:]
+    for p in parts:
+        cons += ctx.tie_all(p, rest)
+    return cons
+
+
 @register_rule(*aten_ops("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split"))
 def split(ctx: RuleContext) -> list[Constraint]:
     """Split / chunk: the input dim is ``sum`` of the pieces' dims; other dims are tied."""
