@@ -9,22 +9,25 @@ Public API (see docs/api.md)::
 
 from .api import trace
 from .curve import Curve, accuracy_barrier, interpolate, loss_barrier
+from .diagnose import Diagnosis, diagnose, repair
 from .errors import (AnalysisError, AutopermError, ExampleInputError, PermutationError, ShapeMismatchError,
                      SpecError, TraceError, UnsoundSpecError, UnsupportedOpError)
 from .match import Alignment
+from .many import merge_many
 from .merging import align, match, merge
 from .metrics import Coverage, coverage
 from .permute import compose, identity_permutation, invert, permute, permute_state_dict, random_permutation
 from .rules import RULES, RuleContext, register_rule
+from .rewrite import insert_perm_layers
 from .spec import Axis, Frozen, PermGroup, PermutationSpec
 from .verify import check_equivalence, perturbed, verify_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "interpolate", "Curve", "loss_barrier", "accuracy_barrier", "match", "align", "merge", "Alignment", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
+    "trace", "interpolate", "Curve", "loss_barrier", "accuracy_barrier", "match", "align", "merge", "merge_many", "Alignment", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
     "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",
     "check_equivalence", "coverage", "Coverage", "verify_spec", "perturbed", "AutopermError", "TraceError", "ExampleInputError",
     "UnsupportedOpError", "AnalysisError", "SpecError", "ShapeMismatchError", "PermutationError",
-    "UnsoundSpecError", "__version__",
+    "UnsoundSpecError", "insert_perm_layers", "diagnose", "Diagnosis", "repair", "__version__",
 ]

@@ -192,7 +192,7 @@ def _replay(graph, step: _Step, src: Node) -> Node:
         tgt, args = aten.squeeze.dims, (src, ks)
     else:
         args = (src, *n.args[1:])
-    with graph.inserting_after(src):
+    with graph.inserting_before(n):  # after every argument of the original op
         new = graph.call_function(tgt, args, dict(n.kwargs) if tgt is n.target else {})
     new.meta = {k: v for k, v in n.meta.items() if k != "val"}
     _set_val(new)
@@ -218,12 +218,12 @@ def split_stacked(gm: GraphModule) -> int:
         if not isinstance(t, int) or not isinstance(width, int) or width % t or t < 2:
             continue
         graph = gm.graph
-        with graph.inserting_after(src):
+        with graph.inserting_before(chain[0].node):
             split = graph.call_function(aten.split_with_sizes.default, (src, [width // t] * t, p))
         split.meta = {k: v for k, v in chain[0].node.meta.items() if k != "val"}
         _set_val(split)
         for i, targets in uses.items():
-            with graph.inserting_after(split):
+            with graph.inserting_before(chain[0].node):
                 piece = graph.call_function(operator.getitem, (split, i))
             piece.meta = dict(split.meta)
             _set_val(piece)

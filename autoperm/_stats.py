@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 import torch
 
 from ._data import batch_inputs
+from ._progress import progress as _progress
 from .analysis import Site
 from .frontend import TracedGraph
 from .permute import apply_axis, unit_rows
@@ -119,12 +120,14 @@ def pair_statistics(tg: TracedGraph, sites: Mapping[str, list[Site]], sizes: Map
     Where several groups act on one site (heads and head_dim), a group's features there are made
     invariant to the others (their dims or factors summed out), unless ``b_perms`` gives the other
     groups' permutations: then B's values are permuted by them first and full features are used.
+    Passes over data report through `autoperm._progress.progress`; ``progress``, if given, is
+    also called with the number of batches done.
     """
     stats = {g: PairStats(sizes[g]) for g in sites if sites[g]}
     shared = shared_sites(sites)
     wanted = {s.node for g in stats for s in sites[g]}
     batches = 0
-    for batch in data:
+    for batch in _progress(data, desc="activation statistics"):
         x = batch_inputs(batch, n_inputs)
         out_a = run_graph(tg, state_a, x, wanted)
         out_b = run_graph(tg, state_b, x, wanted)

@@ -9,7 +9,8 @@ and applies them. Then:
   (``"no rule for aten.roll.default at layer3.0 (model.py:88)"``);
 * placeholders without a state_dict key (non-persistent buffers, lifted constants) and
   parameters the forward never uses are frozen with that reason, except the dims along which
-  such a constant is constant (no permutation changes it there: `autoperm._invariance`);
+  a non-persistent buffer is constant (no permutation changes it there: `autoperm._invariance`;
+  lifted tensor attributes stay frozen whole: they can be caches derived from parameters);
 * tied weights (one storage, several names) are joined dim by dim.
 
 Each remaining leaf class that touches a state_dict tensor is a `PermGroup`; each place it does
@@ -131,7 +132,7 @@ def _freeze_interface(tg: TracedGraph, table: AtomTable, values: dict) -> None:
             table.freeze(a, "model input")
     for name, why in tg.keyless.items():
         atoms = values.get(by_name[name])
-        value = tg.constants.get(name)
+        value = tg.constants.get(name) if name in tg.buffers else None
         free = set(constant_dims(value)) if isinstance(value, torch.Tensor) and isinstance(atoms, list) \
             and len(atoms) == value.dim() else set()
         for d, a in enumerate(atoms if isinstance(atoms, list) else _flat(atoms)):

@@ -70,7 +70,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float],
 
     alphas = [float(a) for a in alphas]
     if "alignment" not in merge_kwargs:
-        keys = ("spec", "data", "example_inputs", "seed")
+        keys = ("spec", "data", "example_inputs", "seed", "loss_fn", "steps", "lr")
         merge_kwargs["alignment"] = match(model_a, model_b, method=method,
                                           **{k: merge_kwargs[k] for k in keys if k in merge_kwargs})
     curve = Curve(alphas)

@@ -138,18 +138,8 @@ def _write_curves(out: Path, alphas, curves) -> None:
     rows += [f"{a}," + ",".join(f"{curves[n].series('value')[i]:.4f}" for n in names) for i, a in enumerate(alphas)]
     (out / "curve.csv").write_text("\n".join(rows) + "\n")
     try:
-        import matplotlib
+        from .viz import plot_curve
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plot_curve(curves, out / "curve.png")
     except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for n in names:
-        ax.plot(alphas, [100 * v for v in curves[n].series("value")], marker="o", label=n)
-    ax.set_xlabel("alpha (weight of model B)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=120)
-    plt.close(fig)
+        log.info("matplotlib is not installed: no curve.png (pip install matplotlib)")

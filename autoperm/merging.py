@@ -2,14 +2,15 @@
 
 ``merge(model_a, model_b)`` traces model_a (a spec can be passed instead), aligns model_b to it,
 interpolates, and optionally normalizes. Neither model is modified; a new module of model_a's class
-is returned.
+is returned. `autoperm.merge_many` (``autoperm/many.py``) merges more than two models.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -18,8 +19,9 @@ from ._copy import copy_module
 from ._data import first_inputs
 from .analysis import analyze_with_sites
 from .frontend import capture, normalize_inputs
-from .match import NEEDS_DATA, Alignment, MatchContext, run_matcher
-from .merge import check_compatible, interpolate_state, reset_batchnorm
+from .match import NEEDS_GRAPH, Alignment, MatchContext, check_method_args, run_matcher
+from .merge import (average_states, calibrate_biases, check_compatible, count_layers, remove_biases,
+                    reset_batchnorm)
 from .merge.normalize import has_batchnorm
 from .merge.repair import channel_moments, find_layers, repair_state
 from .permute import permute_state_dict
@@ -29,7 +31,8 @@ from .verify import verify_spec
 __all__ = ["match", "align", "merge", "infer_example_inputs"]
 
 log = logging.getLogger(__name__)
-NORMALIZATIONS = (None, "reset", "repair", "rescale")
+NORMALIZATIONS = (None, "reset", "repair", "rescale", "bias_calibration", "bias_removal")
+_DATA_FREE = (None, "bias_calibration", "bias_removal")  # normalizations that need no data
 
 
 def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
@@ -85,20 +88,28 @@ def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs,
 
 def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
           method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
-          seed: int = 0, max_iter: int = 100, features: str = "pre") -> Alignment:
+          loss_fn: Callable | None = None, seed: int = 0, max_iter: int = 100, features: str = "pre",
+          steps: int | None = None, lr: float | None = None) -> Alignment:
     """Find permutations of ``model_b``'s groups that line it up with ``model_a``.
 
-    Returns an `Alignment` (``perms``, objective ``history`` per pass, ``seconds``). Example::
+    ``method``: ``"identity"``, ``"weight"``, ``"activation"`` (needs ``data``), ``"sinkhorn"``
+    (weight distance, or with ``loss_fn`` the midpoint loss on ``data``) or ``"ste"`` (needs
+    ``data`` with targets and ``loss_fn(outputs, target)``). ``steps`` and ``lr`` set the step
+    budget and Adam learning rate of ``"sinkhorn"`` / ``"ste"`` (defaults in
+    `autoperm.match.DEFAULT_STEPS` / `DEFAULT_LR`). Returns an `Alignment` (``perms``, objective
+    ``history`` per pass or step, ``seconds``). Example::
 
         al = autoperm.match(model_a, model_b, method="weight")
         model_b_aligned = autoperm.permute(model_b, al.spec, al.perms)
+        al = autoperm.match(model_a, model_b, method="ste", data=loader, loss_fn=F.cross_entropy)
     """
     check_compatible(model_a, model_b)
     data = _reiterable(data)
-    if method in NEEDS_DATA and data is None:
-        raise ValueError(f"method={method!r} needs data=: an iterable of input batches")
-    ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features)
-    if method in NEEDS_DATA or spec is None:
+    n_inputs = 1 if example_inputs is None else len(normalize_inputs(example_inputs))
+    check_method_args(method, data, loss_fn, steps, lr, n_inputs)
+    ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features,
+                       loss_fn=loss_fn, steps=steps, lr=lr, model_a=model_a, n_inputs=n_inputs)
+    if method in NEEDS_GRAPH or spec is None:
         ctx.spec, ctx.traced, ctx.sites = _compile_a(model_a, spec, example_inputs, data)
     else:
         spec.check_model(model_a.state_dict())
@@ -110,51 +121,101 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
 
 def align(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
           method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
-          seed: int = 0) -> dict[str, torch.Tensor]:
+          loss_fn: Callable | None = None, seed: int = 0, steps: int | None = None,
+          lr: float | None = None) -> dict[str, torch.Tensor]:
     """The permutations to apply to ``model_b`` (with `autoperm.permute`) to line it up with
-    ``model_a``: ``match(...).perms``."""
-    return match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs, seed=seed).perms
+    ``model_a``: ``match(...).perms``. Example::
+
+        perms = autoperm.align(model_a, model_b, method="sinkhorn", steps=200)
+    """
+    return match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs,
+                 loss_fn=loss_fn, seed=seed, steps=steps, lr=lr).perms
 
 
 def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method: str = "weight",
           spec: PermutationSpec | None = None, data: Iterable | None = None, example_inputs: Any = None,
-          normalize: str | None = None, seed: int = 0, alignment: Alignment | None = None) -> nn.Module:
+          normalize: str | None = None, preserve_first: int = 0, partial: float | dict = 0.0,
+          loss_fn: Callable | None = None, seed: int = 0, alignment: Alignment | None = None,
+          bias_layers: int | None = None, steps: int | None = None, lr: float | None = None) -> nn.Module:
     """A new model: ``(1 - alpha) * A + alpha * P(B)`` with ``P`` found by ``method``.
 
     ``alpha`` is the weight of model_b. ``normalize="reset"`` recomputes BatchNorm statistics on
     ``data``; ``"repair"`` sets each merged conv / linear layer's pre-activation mean and std per
     channel to the interpolation of the endpoints' (and resets BatchNorms), folded into the
-    weights; ``"rescale"`` does the same for the std only (`autoperm.merge.repair`). With
-    ``normalize=None`` BatchNorm statistics are interpolated (a hint is logged).
+    weights; ``"rescale"`` does the same for the std only (`autoperm.merge.repair`).
+    ``"bias_calibration"`` sets the bias of the l-th counted conv / linear layer to
+    ``(1 - alpha)^l b_A + alpha^l b_B``; ``"bias_removal"`` zeroes the biases of the last
+    ``bias_layers`` counted layers (all with ``None``); both need no data (`autoperm.merge.bias`).
+    With ``normalize=None`` BatchNorm statistics are interpolated (a hint is logged).
+    ``loss_fn``, ``steps`` and ``lr`` go to `match` (methods ``"sinkhorn"`` / ``"ste"``).
     Dims the spec froze are interpolated without alignment. ``alignment`` (from `match`) skips
-    the matching, e.g. to merge at several alphas. Example::
+    the matching, e.g. to merge at several alphas.
+    ``preserve_first=l`` (Preserve-First Merging, `autoperm.rewrite.pfm`) keeps the first ``l``
+    counted layers of both models as two branches and merges the rest; ``partial=gamma`` (a
+    number or ``{group: gamma}``, `autoperm.rewrite.partial`) keeps ``ceil(gamma * n)`` units of
+    each group unmerged. Both return a new emitted module (a ``torch.fx.GraphModule``) rather than
+    one of model_a's class; ``preserve_first=0`` / ``partial=0`` give the plain merge. Example::
 
         merged = autoperm.merge(model_a, model_b)                      # weight matching
         merged = autoperm.merge(model_a, model_b, normalize="reset", data=loader)
+        merged = autoperm.merge(model_a, model_b, normalize="bias_removal", bias_layers=2)
+        wider = autoperm.merge(model_a, model_b, partial=0.25, data=loader)
     """
-    if normalize not in NORMALIZATIONS:
-        raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(NORMALIZATIONS)}")
+    check_normalize(normalize, data, bias_layers)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number (the weight of model_b), got {alpha!r}")
     check_compatible(model_a, model_b)
     data = _reiterable(data)
-    if normalize is not None and data is None:
+    if preserve_first and partial:
+        raise ValueError("preserve_first > 0 together with partial > 0 is not supported (v1): pick one")
+    al = alignment or match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs,
+                            loss_fn=loss_fn, seed=seed, steps=steps, lr=lr)
+    if preserve_first or partial:  # merges that change the architecture: autoperm.rewrite
+        from .rewrite import rewrite_merge
+
+        return rewrite_merge(model_a, model_b, al, alpha=alpha, preserve_first=preserve_first, partial=partial,
+                             normalize=normalize, data=data, example_inputs=example_inputs)
+    aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
+    return combine(model_a, [model_a.state_dict(), aligned_b], [1 - alpha, alpha], al, normalize=normalize,
+                   data=data, example_inputs=example_inputs, bias_layers=bias_layers)
+
+
+def check_normalize(normalize: str | None, data: Any, bias_layers: int | None) -> None:
+    """Raise naming the parameter when a normalization is unknown or lacks what it needs."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(NORMALIZATIONS)}")
+    if normalize not in _DATA_FREE and data is None:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=: pass an "
                          "iterable of input batches")
-    al = alignment or match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs,
-                            seed=seed)
-    aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
-    state = interpolate_state(model_a.state_dict(), aligned_b, alpha)
+    if bias_layers is not None and normalize != "bias_removal":
+        raise ValueError(f"bias_layers= is used only by normalize='bias_removal' (got normalize={normalize!r}): "
+                         "drop it or pass normalize='bias_removal'")
+
+
+def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignment, *, normalize: str | None,
+            data: Any, example_inputs: Any, bias_layers: int | None = None) -> nn.Module:
+    """A new module of model_a's class holding ``sum_i weights[i] * states[i]`` (the states
+    already aligned to one frame), then normalized; shared by `merge` and `merge_many`."""
+    state = average_states(states, weights)
+    traced = al.traced
     if normalize in ("repair", "rescale"):
         data = list(data)
-        traced = al.traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
+        traced = traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
         grouped = {ax.tensor for g in al.spec.groups for ax in g.axes if ax.dim == 0}
         layers = find_layers(traced, grouped)
         dense = [layer for layer in layers if layer.kind == "dense"]
-        ma = channel_moments(traced, model_a.state_dict(), data, dense)
-        mb = channel_moments(traced, aligned_b, data, dense)
-        goal = {n: ((1 - alpha) * ma[n][0] + alpha * mb[n][0], (1 - alpha) * ma[n][1] + alpha * mb[n][1])
-                for n in ma}
+        moments = [channel_moments(traced, s, data, dense) for s in states]
+        goal = {n: (sum(w * m[n][0] for w, m in zip(weights, moments)),
+                    sum(w * m[n][1] for w, m in zip(weights, moments))) for n in moments[0]}
         state = repair_state(traced, state, layers, data, goal, mode=normalize)
         log.info("%s: %d dense layers, %d BatchNorm layers", normalize, len(dense), len(layers) - len(dense))
+    elif normalize in ("bias_calibration", "bias_removal"):
+        traced = traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
+        counted = count_layers(traced)
+        if normalize == "bias_calibration":
+            state = calibrate_biases(state, states, weights, counted)
+        else:
+            state = remove_biases(state, counted, bias_layers)
     merged = copy_module(model_a)
     merged.load_state_dict(state)
     if normalize == "reset":

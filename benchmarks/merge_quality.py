@@ -1,13 +1,16 @@
 """Merge quality on scikit-learn's digits: pairs trained from different seeds, merged by naive
-averaging, weight matching and activation matching, each without normalization and with RESET
-(BatchNorm models) / REPAIR / RESCALE.
+averaging, weight matching, activation matching, Sinkhorn matching (weight-distance objective,
+and midpoint-loss objective as "sinkhorn_loss") and the straight-through estimator ("ste"), each
+without normalization and with RESET (BatchNorm models) / REPAIR / RESCALE.
 
-Usage: python benchmarks/merge_quality.py [--models mlp512,resnet20x4] [--epochs 30]
+Usage: python benchmarks/merge_quality.py [--models mlp512,resnet20x4] [--epochs 30] [--steps 300]
+       [--methods identity,weight,activation,sinkhorn,sinkhorn_loss,ste]
 Writes benchmarks/results/merge_quality.md and merge_quality.json. Per model: endpoint
 accuracies, the ensemble (averaged logits), and per method x normalization the midpoint
 accuracy, the accuracy barrier (Vanishing Feature paper, Fig. 6 caption) and the loss barrier
 (Distill-and-Merge, Eq. 1) over alpha in {0, .25, .5, .75, 1}, plus matching time.
-Sinkhorn and STE matching are not implemented yet, so they have no rows.
+Sinkhorn / STE use ``--steps`` steps (default: the library's defaults) with cross-entropy on the
+training batches as ``loss_fn``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import autoperm  # noqa: E402
 from digits_models import MODELS  # noqa: E402
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+METHODS = ("identity", "weight", "activation", "sinkhorn", "sinkhorn_loss", "ste")
 
 
 def digits(seed=0):
@@ -69,7 +73,16 @@ def split_halves(x, y, seed):
     return (x[keep_a], y[keep_a]), (x[~keep_a], y[~keep_a])
 
 
-def run_model(name, epochs, train_set, test_set):
+def match_options(method, data, data_xy, steps):
+    """``autoperm.match`` keyword arguments for one benchmark method."""
+    if method == "sinkhorn":
+        return dict(method="sinkhorn", steps=steps)
+    if method in ("sinkhorn_loss", "ste"):
+        return dict(method=method.split("_")[0], data=data_xy, loss_fn=F.cross_entropy, steps=steps)
+    return dict(method=method, data=data)
+
+
+def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None):
     factory, split = MODELS[name]
     (xtr, ytr), (xte, yte) = train_set, test_set
     if split:
@@ -80,6 +93,7 @@ def run_model(name, epochs, train_set, test_set):
     a, b = train(factory, xa, ya, 1, epochs), train(factory, xb, yb, 2, epochs)
     train_s = time.perf_counter() - t0
     data = list(xtr.split(256))
+    data_xy = list(zip(xtr.split(256), ytr.split(256)))
     ev = lambda m: evaluate(m, xte, yte)  # noqa: E731
     with torch.no_grad():
         ens_logits = (a(xte) + b(xte)) / 2
@@ -89,10 +103,10 @@ def run_model(name, epochs, train_set, test_set):
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
     norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale"]
     spec = autoperm.trace(a, xte[:4])
-    for method in ("identity", "weight", "activation"):
-        al = autoperm.match(a, b, spec, method=method, data=data)
+    for method in methods:
+        al = autoperm.match(a, b, spec, **match_options(method, data, data_xy, steps))
         for norm in norms:
-            curve = autoperm.interpolate(a, b, ALPHAS, ev, method=method, alignment=al, normalize=norm,
+            curve = autoperm.interpolate(a, b, ALPHAS, ev, method=al.method, alignment=al, normalize=norm,
                                          data=data if norm else None)
             row["merges"][f"{method}/{norm or 'none'}"] = {
                 "mid_acc": curve.values[2]["acc"], "acc_barrier": curve.accuracy_barrier("acc"),
@@ -106,8 +120,9 @@ def render(rows, args):
     lines = ["# merge quality on digits", "",
              f"`python benchmarks/merge_quality.py --epochs {args.epochs}` (scikit-learn digits, 1400 train / "
              "397 test, pairs trained from seeds 1 and 2; alpha is the weight of model B; barriers are maxima "
-             "over alpha in {0, .25, .5, .75, 1}; accuracies in %). Sinkhorn and STE matching are not "
-             "implemented yet.", ""]
+             "over alpha in {0, .25, .5, .75, 1}; accuracies in %). sinkhorn: weight-distance objective; "
+             "sinkhorn_loss and ste: midpoint cross-entropy on the training batches"
+             f"{'' if args.steps is None else f', {args.steps} steps'}.", ""]
     for name, r in rows.items():
         ends = (r["acc_a"] + r["acc_b"]) / 2
         lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters)", "",
@@ -127,6 +142,11 @@ def main():
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=None, help="Sinkhorn / STE step budget (default: library's)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other models' rows already in OUT/merge_quality.json (runs of separate "
+                         "models, e.g. in parallel processes, add up)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train_set, test_set = digits()
@@ -134,8 +154,11 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        rows[name] = run_model(name, args.epochs, train_set, test_set)
-        (out / "merge_quality.json").write_text(json.dumps(rows, indent=1))
+        rows[name] = run_model(name, args.epochs, train_set, test_set, args.methods.split(","), args.steps)
+        path = out / "merge_quality.json"
+        if args.append and path.exists():  # re-read: another process may have added rows meanwhile
+            rows = {**json.loads(path.read_text()), **rows}
+        path.write_text(json.dumps(rows, indent=1))
         (out / "merge_quality.md").write_text(render(rows, args))
     print(render(rows, args))
 

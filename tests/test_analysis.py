@@ -99,18 +99,32 @@ def test_depthwise_conv_ties_input_and_output():
     assert ("3.block.0.weight", 0) in tensors and ("3.block.6.weight", 1) in tensors
 
 
+def qkv_layout(spec, weight):
+    """{group: (size, {(offset, outer, inner)})} on dim 0 of a fused [3E, E] projection."""
+    out: dict = {}
+    for g, a in spec.axes_of(weight):
+        if a.dim == 0:
+            out.setdefault(g.name, (g.size, set()))[1].add((a.offset, a.outer, a.inner))
+    return sorted((size, sorted(lays)) for size, lays in out.values())
+
+
+# E = 8, 2 heads of 4: one head group over q, k and v; head_dim shared by q and k; another for v
+QKV = [(2, [(0, 1, 4), (8, 1, 4), (16, 1, 4)]), (4, [(0, 2, 1), (8, 2, 1)]), (4, [(16, 2, 1)])]
+
+
 def test_vit_has_head_and_head_dim_groups():
     spec = trace_zoo("vit")
-    layouts = {(g.size, a.outer, a.inner) for g, a in spec.axes_of("blocks.0.attn.qkv.weight") if a.dim == 0}
-    assert layouts == {(2, 3, 4), (4, 6, 1)}, "heads (3, heads, hd) and head_dim groups on the fused qkv"
+    assert qkv_layout(spec, "blocks.0.attn.qkv.weight") == QKV, "heads, q/k head_dim, v head_dim on the fused qkv"
+    (v_group,) = [g for g, a in spec.axes_of("blocks.0.attn.qkv.weight") if a.dim == 0 and a.offset == 16
+                  and a.outer == 2]
+    assert ("blocks.0.attn.proj.weight", 1) in {(a.tensor, a.dim) for a in v_group.axes}, "v's head_dim meets proj"
     stream = {g.name for g, a in spec.axes_of("blocks.0.attn.qkv.weight") if a.dim == 1}
     assert {g.name for g, a in spec.axes_of("pos") if a.dim == 2} == stream, "position embedding on the stream"
 
 
 def test_multihead_attention_heads():
     spec = trace_zoo("mha")
-    layouts = {(g.size, a.outer, a.inner) for g, a in spec.axes_of("mha.in_proj_weight") if a.dim == 0}
-    assert layouts == {(2, 3, 4), (4, 6, 1)}
+    assert qkv_layout(spec, "mha.in_proj_weight") == QKV
 
 
 def test_tied_embedding_is_joined():

@@ -9,6 +9,15 @@ from torch import nn
 import autoperm
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two threads on a shared 2-core machine spin against each other: several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def mlp(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).double().eval()
@@ -68,3 +77,77 @@ def test_interpolation_curve_and_barriers():
     assert autoperm.loss_barrier([0, 0.5, 1], [1.0, 3.0, 2.0]) == pytest.approx(1.5)
     with pytest.raises(ValueError, match="alpha = 0 and alpha = 1"):
         autoperm.loss_barrier([0.5], [1.0])
+
+
+# ----------------------------------------------------------------- bias calibration and removal
+class ShortcutNet(nn.Module):
+    """stem -> (conv1 -> conv2) + shortcut conv -> fc: the shortcut shares conv1's depth count."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv1 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.conv2, self.shortcut = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(4, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.conv2(torch.relu(self.conv1(x))) + self.shortcut(x)
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+def test_layers_are_counted_by_depth_in_the_traced_graph():
+    from autoperm.frontend import capture
+    from autoperm.merge.bias import count_layers
+
+    model = ShortcutNet().eval()
+    layers = count_layers(capture(model, (torch.randn(2, 3, 6, 6),)))
+    depth = {layer.weight: layer.depth for layer in layers}
+    assert depth == {"stem.weight": 1, "conv1.weight": 2, "conv2.weight": 3, "shortcut.weight": 2, "fc.weight": 4}
+    assert {layer.bias for layer in layers} == {k.replace("weight", "bias") for k in depth}
+
+
+@pytest.mark.parametrize("k", [1, 2, None])
+def test_bias_removal_zeroes_exactly_the_last_k_layers(k):
+    a, b = mlp(1), mlp(2)
+    plain = autoperm.merge(a, b).state_dict()
+    merged = autoperm.merge(a, b, normalize="bias_removal", bias_layers=k)  # no data needed
+    biases = ["0.bias", "2.bias", "4.bias"]  # counted layers 1, 2, 3
+    zeroed = biases if k is None else biases[-k:]
+    for key, t in merged.state_dict().items():
+        if key in zeroed:
+            assert torch.equal(t, torch.zeros_like(t)) and plain[key].abs().min() > 0, key
+        else:
+            assert torch.equal(t, plain[key]), key
+
+
+def test_bias_removal_counts_branches_by_depth():
+    torch.manual_seed(0)
+    a, b = ShortcutNet().eval(), ShortcutNet().eval()
+    merged = autoperm.merge(a, b, normalize="bias_removal", bias_layers=3).state_dict()
+    plain = autoperm.merge(a, b).state_dict()
+    assert torch.equal(merged["stem.bias"], plain["stem.bias"])
+    assert all(merged[k].abs().max() == 0 for k in ("conv1.bias", "shortcut.bias", "conv2.bias", "fc.bias"))
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.0])
+def test_bias_calibration_matches_a_hand_computation(alpha):
+    a, b = mlp(1), mlp(2)
+    spec = autoperm.trace(a, torch.randn(4, 5, dtype=torch.float64))
+    bb = autoperm.permute(b, spec, autoperm.align(a, b, spec)).state_dict()
+    sa = a.state_dict()
+    merged = autoperm.merge(a, b, spec=spec, alpha=alpha, normalize="bias_calibration").state_dict()
+    for l, key in enumerate(["0.bias", "2.bias", "4.bias"], start=1):
+        hand = (1 - alpha) ** l * sa[key] + alpha ** l * bb[key]
+        assert torch.allclose(merged[key], hand, atol=1e-15), key
+    for key in ("0.weight", "2.weight", "4.weight"):
+        assert torch.allclose(merged[key], (1 - alpha) * sa[key] + alpha * bb[key], atol=1e-15)
+    if alpha == 0.0:
+        assert all(torch.equal(merged[k], sa[k]) for k in sa), "alpha = 0 gives model_a"
+
+
+def test_bias_options_are_checked():
+    a, b = mlp(1), mlp(2)
+    with pytest.raises(ValueError, match=r"bias_layers=4: pass an integer from 1 to 3"):
+        autoperm.merge(a, b, normalize="bias_removal", bias_layers=4)
+    with pytest.raises(ValueError, match="bias_layers= is used only by normalize='bias_removal'"):
+        autoperm.merge(a, b, normalize="bias_calibration", bias_layers=1)

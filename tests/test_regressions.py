@@ -160,5 +160,28 @@ def test_constant_non_persistent_buffer_does_not_freeze_attention_heads():
     # a non-persistent buffer that varies along its dim still freezes it
     varying = ZeroKeyBias(k_bias=torch.arange(8.0))
     spec2 = assert_sound(varying, x)
-    assert not any(ax.tensor == "qkv.weight" and ax.dim == 0 for g in spec2.groups for ax in g.axes)
+    on_k = [g.name for g in spec2.groups for ax in g.axes
+            if ax.tensor == "qkv.weight" and ax.dim == 0 and ax.offset <= 8 < ax.offset + g.size * ax.outer * ax.inner]
+    assert not on_k, f"the k slice (rows 8..15) must stay frozen: {on_k}"
     assert any("k_bias" in f.reason for f in spec2.frozen)
+
+
+class CachedBias(nn.Module):
+    """timm LeViT: an eval-mode cache (a plain dict) of a zero-initialized parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.bias = nn.Parameter(torch.zeros(6))
+        self.cache = {}
+
+    def forward(self, x):
+        if "b" not in self.cache:
+            self.cache["b"] = self.bias * 1.0
+        return self.fc2(torch.relu(self.fc1(x) + self.cache["b"]))
+
+
+def test_lifted_constant_that_caches_a_parameter_stays_frozen():
+    """A lifted tensor (not a buffer) that happens to be constant is not a structural constant."""
+    spec = assert_sound(CachedBias(), torch.randn(3, 4))
+    assert not any(ax.tensor == "fc1.weight" and ax.dim == 0 for g in spec.groups for ax in g.axes)

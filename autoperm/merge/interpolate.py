@@ -8,14 +8,14 @@ poor: ``normalize="reset"`` recomputes them on data); integer buffers are taken 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import SpecError
 
-__all__ = ["check_compatible", "interpolate_state"]
+__all__ = ["check_compatible", "interpolate_state", "average_states"]
 
 
 def check_compatible(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -47,4 +47,25 @@ def interpolate_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
     for name, ta in a.items():
         tb = b[name]
         out[name] = torch.lerp(ta, tb.to(ta.dtype), float(alpha)) if ta.is_floating_point() else ta.clone()
+    return out
+
+
+def average_states(states: Sequence[Mapping[str, torch.Tensor]],
+                   weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """``sum_i weights[i] * states[i]`` for float tensors (equal weights by default); other
+    tensors from the first state. Two states give exactly `interpolate_state` (``torch.lerp``)."""
+    if not states:
+        raise ValueError("average_states needs at least one state dict")
+    weights = [1.0 / len(states)] * len(states) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(states) or not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be {len(states)} finite numbers, got {weights!r}")
+    if len(states) == 2 and abs(weights[0] + weights[1] - 1.0) < 1e-15:
+        return interpolate_state(states[0], states[1], weights[1])
+    out = {}
+    for name, t0 in states[0].items():
+        if t0.is_floating_point():
+            acc = sum(w * s[name].to(t0.dtype) for w, s in zip(weights, states))
+            out[name] = acc
+        else:
+            out[name] = t0.clone()
     return out

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._data import batch_inputs
+from .._progress import progress
 
 __all__ = ["reset_batchnorm", "has_batchnorm"]
 
@@ -32,7 +33,7 @@ def reset_batchnorm(model: nn.Module, data: Iterable, n_inputs: int = 1) -> nn.M
         m.momentum = None  # cumulative moving average: the exact mean over the batches seen
     model.train()
     batches = 0
-    for batch in data:
+    for batch in progress(data, desc="BatchNorm reset"):
         model(*batch_inputs(batch, n_inputs))
         batches += 1
     for m, mom in saved.items():

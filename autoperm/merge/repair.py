@@ -24,6 +24,7 @@ from typing import Iterable
 import torch
 
 from .._data import batch_inputs
+from .._progress import progress
 from .._stats import run_graph
 from ..frontend import TracedGraph
 
@@ -79,7 +80,7 @@ def channel_moments(tg: TracedGraph, state, data: Iterable, layers: list[Layer],
     sums: dict[str, list] = {}
     wanted = {l.node for l in layers}
     dims = {l.node: l.channel_dim for l in layers}
-    for batch in data:
+    for batch in progress(data, desc="channel statistics"):
         out = run_graph(tg, state, batch_inputs(batch, n_inputs), wanted)
         for node, t in out.items():
             f = t.movedim(dims[node], -1).reshape(-1, t.shape[dims[node]]).double()
@@ -96,12 +97,13 @@ def channel_moments(tg: TracedGraph, state, data: Iterable, layers: list[Layer],
 
 def repair_state(tg: TracedGraph, state: dict[str, torch.Tensor], layers: list[Layer], data: Iterable,
                  goal: dict[str, tuple[torch.Tensor, torch.Tensor]], *, mode: str = "repair",
-                 eps: float = 1e-8) -> dict[str, torch.Tensor]:
-    """A new state dict with each layer corrected in turn (see the module docstring)."""
+                 eps: float = 1e-8, n_inputs: int = 1) -> dict[str, torch.Tensor]:
+    """A new state dict with each layer corrected in turn (see the module docstring);
+    ``n_inputs``: how many tensors of each batch are the forward's inputs."""
     data = list(data)
     state = dict(state)
     for layer in layers:
-        mean, std = channel_moments(tg, state, data, [layer])[layer.node]
+        mean, std = channel_moments(tg, state, data, [layer], n_inputs)[layer.node]
         if layer.kind == "batchnorm":
             rm = state[layer.running_mean]
             state[layer.running_mean] = mean.to(rm.dtype)

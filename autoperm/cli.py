@@ -1,0 +1,427 @@
+"""The ``autoperm`` command line: ``spec``, ``merge`` and ``demo`` (see docs/cli.md).
+
+Every failure the user can fix ends with one line on stderr, ``autoperm: error: ...``, and a
+distinct exit code (`EXIT_CODES`); ``-v`` adds the traceback and INFO logging. The merged
+checkpoint is written atomically and never over one of its inputs.
+
+Example::
+
+    from autoperm.cli import main
+    main(["spec", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--out", "spec.png"])
+    main(["merge", "a.pt", "b.pt", "--model", "net.py:make", "--out", "merged.pt"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "CLIError", "EXIT_CODES"]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FILE, EXIT_MODEL = 0, 1, 2, 3, 4
+EXIT_MISMATCH, EXIT_TRACE, EXIT_OUTPUT, EXIT_DEPENDENCY, EXIT_INTERRUPTED = 5, 6, 7, 8, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "unexpected internal error (rerun with -v for the traceback and report it)",
+    EXIT_USAGE: "bad command line: unknown option, malformed value, missing --data for a method that needs it",
+    EXIT_FILE: "an input file (checkpoint, data, model file) is missing or cannot be read",
+    EXIT_MODEL: "MODEL is not a valid model string, or the model could not be built",
+    EXIT_MISMATCH: "a checkpoint does not fit the model (missing, unexpected or differently shaped tensor)",
+    EXIT_TRACE: "the model could not be traced or its spec failed the check (bad --input-shape, "
+                "data-dependent control flow, unsound rule)",
+    EXIT_OUTPUT: "the output cannot be written (it would overwrite an input, or the folder is not writable)",
+    EXIT_DEPENDENCY: "an optional dependency is missing (torchvision, timm, matplotlib / graphviz, safetensors)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+class CLIError(Exception):
+    """A user-facing failure: one line of ``message`` and an exit ``code`` from `EXIT_CODES`."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ----------------------------------------------------------------- parsing
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write positive sizes separated by commas, "
+                                         "e.g. 1,3,224,224")
+    return shape
+
+
+def _choices(kind: str) -> list[str]:
+    if kind == "method":
+        from .match import METHODS
+
+        return sorted(METHODS)
+    from . import merging
+
+    return [n for n in getattr(merging, "NORMALIZATIONS", ("reset", "repair", "rescale")) if n]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (``autoperm --help``, ``autoperm merge --help``)."""
+    codes = "\n".join(f"  {c:<4} {why}" for c, why in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="autoperm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile the permutation symmetries of PyTorch models; align and merge models with them.",
+        epilog=f"MODEL is torchvision:NAME, timm:NAME or path/to/file.py:factory.\n\nexit codes:\n{codes}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{spec,merge,demo}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress and show tracebacks")
+
+    spec = sub.add_parser("spec", parents=[common], help="compile a model's permutation spec, summarize it, "
+                          "write it as JSON / DOT / SVG / PNG",
+                          description="Trace MODEL, print a summary (groups, frozen dims, coverage, time), "
+                          "optionally the per-tensor table, and write --out by its extension.")
+    spec.add_argument("model", metavar="MODEL", help="torchvision:resnet18, timm:convnext_tiny or file.py:factory")
+    spec.add_argument("--input-shape", type=_shape, metavar="SHAPE",
+                      help="example input shape, e.g. 1,3,64,64 (default: the model's usual input)")
+    spec.add_argument("--out", metavar="FILE", help="write the spec: .json (reload with PermutationSpec.load), "
+                      ".dot, .svg or .png (a graph of layers, or of groups with --compact)")
+    spec.add_argument("--table", action="store_true", help="print the per-tensor table (group on each dim)")
+    spec.add_argument("--compact", action="store_true", help="draw one node per group instead of one per layer")
+    spec.add_argument("--no-verify", action="store_true", help="skip the float64 check of the spec (faster)")
+
+    merge = sub.add_parser("merge", parents=[common], help="align checkpoint B to A and merge them",
+                           description="Load two state_dict checkpoints of MODEL, align B to A, interpolate "
+                           "(alpha is the weight of B), optionally normalize, write the merged state_dict.")
+    merge.add_argument("a", metavar="A", help="state_dict of model A (.pt / .pth, or .safetensors)")
+    merge.add_argument("b", metavar="B", help="state_dict of model B")
+    merge.add_argument("--model", required=True, metavar="MODEL", help="the architecture of A and B")
+    merge.add_argument("--method", default="weight", choices=_choices("method"),
+                       help="alignment (default: weight; identity = naive averaging)")
+    merge.add_argument("--alpha", type=float, default=0.5, help="weight of B in the average (default: 0.5)")
+    merge.add_argument("--normalize", choices=_choices("normalize"),
+                       help="after averaging: reset BatchNorm statistics, repair / rescale activations (needs --data)")
+    merge.add_argument("--data", metavar="FILE", help="a .pt file holding a tensor of inputs or an "
+                       "(inputs, targets) tuple; needed by --method activation and by --normalize")
+    merge.add_argument("--batch-size", type=int, default=256, help="batch size for --data (default: 256)")
+    merge.add_argument("--input-shape", type=_shape, metavar="SHAPE", help="example input shape for tracing")
+    merge.add_argument("--seed", type=int, default=0, help="seed of the matcher (default: 0)")
+    merge.add_argument("--device", default="cpu", help="torch device to merge on, e.g. cuda (default: cpu)")
+    merge.add_argument("--out", default="merged.pt", metavar="FILE",
+                       help="merged state_dict (default: merged.pt; .safetensors with safetensors installed)")
+
+    demo = sub.add_parser("demo", parents=[common], help="train two small residual CNNs on digits, compile the "
+                          "spec, merge them (naive, weight / activation matching, REPAIR) and write the spec "
+                          "graph and curve")
+    demo.add_argument("--out", default="autoperm_demo", help="output folder (default: autoperm_demo)")
+    demo.add_argument("--epochs", type=int, default=8, help="training epochs per model (default: 8)")
+    return parser
+
+
+# ----------------------------------------------------------------- models and files
+def _load_model(name: str, input_shape: tuple[int, ...] | None):
+    """(model, example inputs, description) for a MODEL string."""
+    import torch
+
+    from . import zoo
+
+    kind, sep, rest = name.partition(":")
+    is_file = ".py:" in name or name.endswith(".py")
+    if not is_file and (not sep or kind not in ("torchvision", "timm") or not rest):
+        raise CLIError(f"MODEL {name!r} is not a model string: write torchvision:NAME, timm:NAME or "
+                       "path/to/file.py:factory", EXIT_MODEL)
+    if is_file:
+        path, _, factory = name.rpartition(":") if ".py:" in name else (name, "", "")
+        if not factory:
+            raise CLIError(f"MODEL {name!r} names no factory: write {name}:FACTORY (a function returning the model)",
+                           EXIT_MODEL)
+        if not Path(path).is_file():
+            raise CLIError(f"model file {path!r} not found (MODEL {name!r})", EXIT_FILE)
+    image = input_shape[-1] if input_shape and len(input_shape) == 4 and input_shape[-1] == input_shape[-2] else None
+    try:
+        model, inputs = zoo.load(name, image_size=image if not is_file else None)
+    except ImportError:
+        raise
+    except Exception as e:  # unknown model names, factories that raise or lack
+        raise CLIError(f"cannot build MODEL {name!r}: {type(e).__name__}: {e}", EXIT_MODEL) from e
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"MODEL {name!r} returned {type(model).__name__}, not a torch.nn.Module", EXIT_MODEL)
+    if input_shape:
+        inputs = (torch.randn(*input_shape),)
+    elif is_file:
+        from .merging import infer_example_inputs
+
+        try:
+            inputs = infer_example_inputs(model)
+        except ValueError as e:
+            raise CLIError(f"{e}; pass --input-shape", EXIT_USAGE) from e
+    return model, inputs
+
+
+def _load_state(path: str, what: str) -> dict:
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{what} checkpoint {path!r} not found", EXIT_FILE)
+    try:
+        if p.suffix == ".safetensors":
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise CLIError(f"{path!r} is a .safetensors file: pip install safetensors", EXIT_DEPENDENCY) from None
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except CLIError:
+        raise
+    except Exception as e:
+        raise CLIError(f"cannot read {what} checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}",
+                       EXIT_FILE) from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"{what} checkpoint {path!r} is not a state_dict (a dict of tensor names to tensors); "
+                       "save one with torch.save(model.state_dict(), path)", EXIT_FILE)
+    return state
+
+
+def _check_fits(state: dict, model, what: str, path: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing:
+        raise CLIError(f"{what} checkpoint {path!r} lacks tensor {missing[0]!r} of the model"
+                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), EXIT_MISMATCH)
+    if extra:
+        raise CLIError(f"{what} checkpoint {path!r} has tensor {extra[0]!r}, which the model lacks"
+                       + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), EXIT_MISMATCH)
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CLIError(f"tensor {k!r} has shape {list(state[k].shape)} in {what} checkpoint {path!r} but "
+                           f"{list(t.shape)} in the model; is --model the right architecture?", EXIT_MISMATCH)
+
+
+def _load_data(path: str, batch_size: int) -> tuple[list, Any]:
+    """Batches from a .pt file holding a tensor or an (inputs, targets) pair, and the targets."""
+    import torch
+
+    if not Path(path).is_file():
+        raise CLIError(f"data file {path!r} not found", EXIT_FILE)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CLIError(f"cannot read data file {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}",
+                       EXIT_FILE) from e
+    if isinstance(obj, torch.Tensor):
+        return list(obj.split(batch_size)), None
+    if (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)
+            and len(obj[0]) == len(obj[1])):
+        x, y = obj
+        return list(zip(x.split(batch_size), y.split(batch_size))), y
+    raise CLIError(f"data file {path!r} must hold a tensor of inputs or an (inputs, targets) tuple of tensors "
+                   f"of equal length; got {type(obj).__name__}", EXIT_FILE)
+
+
+def _write_state(state: dict, out: Path) -> None:
+    import torch
+
+    from .viz_render import write_atomic
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if out.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise CLIError("--out ends with .safetensors: pip install safetensors (or use .pt)", EXIT_DEPENDENCY) from None
+        state = {k: v.clone() for k, v in state.items()}  # safetensors refuses shared storage
+        write_atomic(out, lambda tmp: save_file(state, tmp))
+    else:
+        write_atomic(out, lambda tmp: torch.save(state, tmp))
+
+
+# ----------------------------------------------------------------- commands
+def cmd_spec(args: argparse.Namespace) -> int:
+    """``autoperm spec``: trace, summarize, write."""
+    from .api import trace
+    from .metrics import coverage
+
+    t0 = time.perf_counter()
+    model, inputs = _load_model(args.model, args.input_shape)
+    log.info("built %s in %.1fs; tracing on inputs %s", args.model, time.perf_counter() - t0,
+             [tuple(t.shape) for t in inputs])
+    t1 = time.perf_counter()
+    spec = trace(model, inputs, verify=not args.no_verify)
+    seconds = time.perf_counter() - t1
+    print(_summary(args.model, inputs, spec, coverage(spec, model), seconds))
+    if args.table:
+        print()
+        print(spec.table())
+    if args.out:
+        from .viz import render_spec
+
+        out = Path(args.out)
+        if out.suffix.lower() not in (".json", ".dot", ".gv", ".svg", ".png"):
+            raise CLIError(f"--out {args.out!r}: use a .json, .dot, .svg or .png file name", EXIT_USAGE)
+        try:
+            render_spec(spec, out, model=model, example_inputs=inputs, compact=args.compact)
+        except OSError as e:
+            raise CLIError(f"cannot write --out {args.out!r}: {e}", EXIT_OUTPUT) from e
+        print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _summary(name: str, inputs, spec, cov, seconds: float) -> str:
+    sizes = sorted(g.size for g in spec.groups)
+    reasons: dict[str, int] = {}
+    for why, n in spec.frozen_reasons().items():
+        reasons[why.split(" at ")[0]] = reasons.get(why.split(" at ")[0], 0) + n
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+    meta = spec.meta
+    check = (f", check {meta['verify_s']:.1f}s: max relative error {meta['verify_error']:.1e}"
+             if "verify_s" in meta else ", not checked (--no-verify)")
+    shapes = " ".join("x".join(map(str, t.shape)) for t in inputs)
+    return (f"{name} ({meta.get('model', '?')}, input {shapes}): {len(spec.groups)} permutation group{'' if len(spec.groups) == 1 else 's'}"
+            + (f" (sizes {sizes[0]}..{sizes[-1]}, {sum(sizes)} units)" if sizes else "")
+            + f", {len(spec.frozen)} frozen dims"
+            + (" (top reasons: " + "; ".join(f"{r} x{n}" for r, n in top) + ")" if top else "")
+            + f". Coverage: {100 * cov.hidden_share:.1f}% of {cov.hidden_atoms} hidden channels grouped, "
+            f"{100 * cov.param_share:.1f}% of {cov.param_elements:,} parameters moved by some group. "
+            f"Traced in {seconds:.1f}s (export {meta.get('capture_s', 0):.1f}s, "
+            f"analysis {meta.get('analysis_s', 0):.2f}s{check}).")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``autoperm merge``: load, align, interpolate, normalize, write."""
+    import torch
+
+    from ._progress import progress
+    from .merging import merge
+
+    out = Path(args.out)
+    for what, p in (("A", args.a), ("B", args.b)):
+        if Path(p).exists() and (out.resolve() == Path(p).resolve() or (out.exists() and out.samefile(p))):
+            raise CLIError(f"--out {args.out!r} is checkpoint {what}; refusing to overwrite an input: "
+                           "choose another --out", EXIT_OUTPUT)
+    if not 0.0 <= args.alpha <= 1.0:
+        log.warning("--alpha %s lies outside [0, 1]: extrapolating", args.alpha)
+    from .match import NEEDS_DATA
+
+    needs = ([f"--method {args.method}"] if args.method in NEEDS_DATA else []) + (
+        [f"--normalize {args.normalize}"] if args.normalize and args.normalize != "bias_removal" else [])
+    if needs and not args.data:
+        raise CLIError(f"{' and '.join(needs)} measures activations and needs --data FILE "
+                       "(a .pt file holding a tensor of inputs or an (inputs, targets) tuple)", EXIT_USAGE)
+    t0 = time.perf_counter()
+    state_a, state_b = _load_state(args.a, "A"), _load_state(args.b, "B")
+    data, targets = _load_data(args.data, args.batch_size) if args.data else (None, None)
+    model, inputs = _load_model(args.model, args.input_shape)
+    _check_fits(state_a, model, "A", args.a)
+    _check_fits(state_b, model, "B", args.b)
+    device = torch.device(args.device)
+    model_a = model.to(device)
+    model_a.load_state_dict(state_a)
+    model_b = copy.deepcopy(model_a)
+    model_b.load_state_dict(state_b)
+    if data is not None:
+        data = [tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device)
+                for b in progress(data, desc="moving data", total=len(data))]
+    if not args.input_shape and data is not None:
+        inputs = None  # merge takes them from the first batch of data
+    kwargs: dict[str, Any] = dict(alpha=args.alpha, method=args.method, data=data, normalize=args.normalize,
+                                  seed=args.seed,
+                                  example_inputs=tuple(t.to(device) for t in inputs) if inputs else None)
+    if args.method in ("sinkhorn", "ste") and "loss_fn" in inspect.signature(merge).parameters and targets is not None:
+        kwargs["loss_fn"] = torch.nn.functional.cross_entropy if not targets.is_floating_point() else \
+            torch.nn.functional.mse_loss
+    log.info("aligning B to A (%s) and merging", args.method)
+    merged = merge(model_a, model_b, **kwargs)
+    _write_state(merged.state_dict(), out)
+    n = sum(p.numel() for p in merged.parameters())
+    print(f"merged {args.a} and {args.b} ({args.model}; method {args.method}, alpha {args.alpha}, normalize "
+          f"{args.normalize or 'none'}): wrote {out} ({n:,} parameters) in {time.perf_counter() - t0:.1f}s")
+    if targets is not None and not targets.is_floating_point():
+        accs = [_accuracy(m, data) for m in (model_a, model_b, merged)]
+        print("accuracy on --data: A {:.1f}%, B {:.1f}%, merged {:.1f}%".format(*(100 * a for a in accs)))
+    return EXIT_OK
+
+
+def _accuracy(model, data) -> float:
+    import torch
+
+    model = model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for x, y in data:
+            out = model(x)
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                return float("nan")
+            right += (out.argmax(1) == y).sum().item()
+            total += len(y)
+    return right / max(total, 1)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``autoperm demo``: the built-in merge demo on digits."""
+    from .demo import run_demo
+
+    print(run_demo(args.out, args.epochs))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): argparse has printed the message
+        return int(e.code or 0)
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    commands = {"spec": cmd_spec, "merge": cmd_merge, "demo": cmd_demo}
+    try:
+        import torch
+
+        torch.set_num_threads(min(torch.get_num_threads(), 8))
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED, verbose)
+    except CLIError as e:
+        return _fail(str(e), e.code, verbose)
+    except Exception as e:
+        return _fail(*_classify(e), verbose)
+
+
+def _classify(e: Exception) -> tuple[str, int]:
+    from .errors import ExampleInputError, ShapeMismatchError, TraceError, UnsoundSpecError
+
+    first = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, ShapeMismatchError):
+        return first, EXIT_MISMATCH
+    if isinstance(e, (TraceError, ExampleInputError, UnsoundSpecError)):
+        return f"{type(e).__name__}: {first} (pass the model's input shape with --input-shape)", EXIT_TRACE
+    if isinstance(e, ImportError):
+        return first, EXIT_DEPENDENCY
+    if isinstance(e, FileNotFoundError):
+        return first, EXIT_FILE
+    if isinstance(e, ValueError):
+        return first, EXIT_USAGE
+    return f"internal error: {type(e).__name__}: {first} (rerun with -v for the traceback)", EXIT_INTERNAL
+
+
+def _fail(message: str, code: int, verbose: bool) -> int:
+    if verbose:
+        traceback.print_exc()
+    print(f"autoperm: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,78 @@
+"""The straight-through estimator (STE) of Git Re-Basin (Ainsworth et al., Algorithm 3; the Git
+Bi-sect reproduction, ../papers/001, section 4.1.3, implements it with functional calls, as here;
+the Distill-and-Merge thesis, ../papers/000, section 3, summarizes re-basin).
+
+Learned weights ``W`` (initialized to model A's) stand in for model B. Each step:
+
+1. project: ``P = weight_matching(W, B)``, the permutation of B nearest to ``W``
+   (`autoperm.match.weight.weight_matching`, warm-started from the previous ``P``);
+2. forward the midpoint model ``(A + P(B)) / 2`` on one batch, but with the straight-through
+   trick ``W + (P(B) - W).detach()`` in place of ``P(B)``: the value is the projected weights,
+   the gradient goes to ``W``;
+3. one Adam step on ``W`` with the midpoint loss ``loss_fn(outputs, target)``.
+
+The answer is the projection of the final ``W``. Only the float tensors the spec touches are
+learned; the others are interpolated as they are. The forward runs with
+``torch.func.functional_call`` on a copy of model A (`autoperm.match._loss.MidpointLoss`).
+
+Example::
+
+    al = autoperm.match(model_a, model_b, method="ste", data=loader,
+                        loss_fn=torch.nn.functional.cross_entropy, steps=200, lr=1e-3)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import torch
+
+from .._progress import progress
+from ..permute import permute_state_dict
+from ..spec import PermutationSpec
+from .weight import weight_matching
+
+__all__ = ["ste_matching"]
+
+log = logging.getLogger(__name__)
+
+
+def ste_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
+                 objective, *, steps: int = 100, lr: float = 1e-3, seed: int = 0,
+                 max_iter: int = 100) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Permutations for ``state_b`` learned by the straight-through estimator (module docstring).
+
+    ``objective(aligned_b, step) -> scalar`` is the midpoint loss
+    (`autoperm.match._loss.MidpointLoss`). Returns the permutations and the loss per step.
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r}: pass a non-negative integer step budget")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr={lr!r}: pass a positive learning rate")
+    a = {k: v.detach() for k, v in state_a.items()}
+    b = {k: v.detach() for k, v in state_b.items()}
+    keys = sorted({ax.tensor for g in spec.groups for ax in g.axes if b[ax.tensor].is_floating_point()})
+    learned = {k: a[k].clone().requires_grad_(True) for k in keys}
+    opt = torch.optim.Adam(list(learned.values()), lr=float(lr))
+    perms = None
+    history: list[float] = []
+
+    def project(init):
+        target = dict(a)
+        target.update({k: w.detach() for k, w in learned.items()})
+        return weight_matching(spec, target, b, seed=seed, max_iter=max_iter, init=init)[0]
+
+    for step in progress(range(steps), desc="ste", total=steps):
+        perms = project(perms)
+        hard = permute_state_dict(b, spec, perms)
+        through = dict(hard)
+        for k, w in learned.items():
+            through[k] = w + (hard[k] - w).detach()
+        loss = objective(through, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        log.info("ste step %d/%d: midpoint loss %.6g", step + 1, steps, history[-1])
+    return project(perms), history

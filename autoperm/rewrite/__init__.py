@@ -1,0 +1,98 @@
+"""Rewrites: merges and edits that change a model's architecture and return an emitted module
+(DESIGN.md section 4): Preserve-First Merging (`pfm`), partial merging (`partial`, another
+module), permutation layers (`perm_layers`), all built by the emitter (`emit`).
+
+``autoperm.merge(..., preserve_first=l)`` and ``merge(..., partial=g)`` land in `rewrite_merge`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .._copy import copy_module
+from .._data import first_inputs
+from ..frontend import capture, normalize_inputs
+from ..merge import interpolate_state
+from ..merge.normalize import has_batchnorm
+from ..permute import permute_state_dict
+from .emit import EmitError, check_module, emit, flop_count, graph_from_traced, original_state_dict, param_count
+from .perm_layers import insert_perm_layers
+
+__all__ = ["rewrite_merge", "pfm_merge", "emit", "graph_from_traced", "check_module", "param_count", "flop_count",
+           "original_state_dict", "insert_perm_layers", "EmitError"]
+
+log = logging.getLogger(__name__)
+PFM_NORMALIZATIONS = (None, "reset", "repair", "rescale")
+
+
+def _example_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None) -> tuple[torch.Tensor, ...]:
+    if example_inputs is not None:
+        return normalize_inputs(example_inputs)
+    got = first_inputs(data) if data is not None else None
+    if got is not None:
+        return got
+    from ..merging import infer_example_inputs
+
+    got = infer_example_inputs(model)
+    log.info("example inputs inferred from the model: %s", [tuple(t.shape) for t in got])
+    return got
+
+
+def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5, preserve_first: int = 1,
+              normalize: str | None = None, data: Iterable | None = None, example_inputs: Any = None) -> nn.Module:
+    """Preserve-First Merging (the Vanishing Feature paper, section 4.4; `autoperm.rewrite.pfm`):
+    a new module that runs the first ``preserve_first`` counted layers of model_a and of aligned
+    model_b side by side on the same input, merges their outputs with weight ``alpha`` on model_b,
+    and runs the interpolated rest. ``normalize`` (None, "reset", "repair", "rescale"; all but None
+    need ``data``) acts on the merged part only. Neither model is modified. Example::
+
+        al = autoperm.match(model_a, model_b)
+        pfm = pfm_merge(model_a, model_b, al, preserve_first=8, normalize="repair", data=loader)
+    """
+    from .pfm import pfm_module
+
+    if isinstance(preserve_first, bool) or not isinstance(preserve_first, int) or preserve_first < 0:
+        raise ValueError(f"preserve_first must be a non-negative int (the number of counted layers to keep "
+                         f"unmerged), got {preserve_first!r}")
+    if normalize not in PFM_NORMALIZATIONS:
+        raise ValueError(f"normalize={normalize!r} is not supported with preserve_first > 0; PFM supports "
+                         f"{list(PFM_NORMALIZATIONS)}")
+    if normalize is not None and data is None:
+        raise ValueError(f"normalize={normalize!r} needs data=: an iterable of input batches")
+    if data is not None and iter(data) is data:
+        data = list(data)
+    inputs = _example_inputs(model_a, example_inputs, data)
+    tg = getattr(alignment, "traced", None) or capture(model_a, inputs)
+    sa = model_a.state_dict()
+    aligned_b = permute_state_dict(model_b.state_dict(), alignment.spec, alignment.perms)
+    states = {"model_a": sa, "model_b": aligned_b, "merged": interpolate_state(sa, aligned_b, alpha)}
+    with torch.no_grad():
+        outputs = copy_module(model_a).eval()(*inputs)
+    b_constants = capture(model_b, inputs).constants if tg.constants else None  # model_b's own
+    grouped = {ax.tensor for g in alignment.spec.groups for ax in g.axes if ax.dim == 0}
+    module = pfm_module(model_a, tg, states, preserve_first, alpha, inputs, outputs, normalize, data, b_constants,
+                        grouped)
+    if normalize is None and has_batchnorm(model_a):
+        log.info("BatchNorm statistics of the merged part were interpolated; normalize='reset' with data is "
+                 "usually far better")
+    return module
+
+
+def rewrite_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5, preserve_first: int = 0,
+                  partial: float | dict = 0.0, normalize: str | None = None, data: Iterable | None = None,
+                  example_inputs: Any = None) -> nn.Module:
+    """The architecture-changing merges behind `autoperm.merge`: PFM when ``preserve_first > 0``,
+    partial merging (`autoperm.rewrite.partial.partial_merge`) when ``partial`` is given."""
+    if preserve_first and partial:
+        raise ValueError("preserve_first > 0 together with partial > 0 is not supported (v1): pick one")
+    if partial:
+        from .partial import partial_merge
+
+        return partial_merge(model_a, model_b, alignment, alpha=alpha, partial=partial, normalize=normalize,
+                             data=data, example_inputs=example_inputs)
+    return pfm_merge(model_a, model_b, alignment, alpha=alpha, preserve_first=preserve_first, normalize=normalize,
+                     data=data, example_inputs=example_inputs)

@@ -1,0 +1,367 @@
+"""Preserve-First Merging (PFM; the Vanishing Feature paper, ../papers/003, section 4.4 and
+Figure 4 right; DESIGN.md section 4).
+
+Layers are counted as the paper counts them: the conv / linear nodes of model_a's traced graph
+in topological order, shortcut projections excluded (`counted_layers`). With ``preserve_first=l``
+the *preserved part* is the l-th counted layer, all its ancestors, and every later op that is not
+a conv / linear and reads only preserved values (the layer's BatchNorm and activation, a residual
+add whose two inputs are preserved ...): merging happens at the *inputs* of the next layers, as
+in Figure 4 ("outputs of the l-th layers are merged").
+
+The emitted module runs the preserved part twice on the same input, once with model_a's weights
+and once with model_b's aligned (permuted) weights; every value that flows from the preserved part
+into the rest is merged by ``(1 - alpha) * a + alpha * b`` (``aten.lerp``); the rest runs on the
+interpolated weights. Ops that read only parameters are recomputed in each copy with that copy's
+weights. ``l = 0`` is the full merge; ``l >= L`` (the number of counted layers) duplicates the
+whole graph and averages the outputs: exactly the ensemble. Merge nodes are not folded into the
+next layer's weights (a possible optimization; the function is the same).
+
+Normalization touches the merged part only (Figure 4 right: "Normalization is applied to the
+merged layers"; Table 1): ``normalize="reset"`` recomputes the running statistics of the merged
+copy's BatchNorms on data (train-mode batch statistics, averaged over the batches, as
+`autoperm.merge.reset_batchnorm`). ``normalize="repair"`` / ``"rescale"`` (`pfm_normalize`) set
+each merged conv / linear layer's per-channel pre-activation mean and std (RESCALE: std only) to
+the interpolation ``(1 - alpha, alpha)`` of model_a's and aligned model_b's at that layer, measured
+on data, folded into the layer's weight and bias; a merged layer feeding a BatchNorm is left alone
+and that BatchNorm gets the exact statistics instead (as the plain REPAIR). Preserved layers and
+BatchNorms keep the endpoints' weights and statistics; ``l = 0`` gives the plain merge's result.
+
+Example (the paper's Table 1 setting, on any model)::
+
+    pfm = autoperm.merge(model_a, model_b, preserve_first=8, normalize="repair", data=loader)
+    param_count(pfm) / param_count(model_a)     # e.g. 1.2 for VGG16 with l = 8
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .._data import batch_inputs
+from ..frontend import TracedGraph
+from .emit import buffer_keys, emit, output_spec
+
+__all__ = ["dense_nodes", "shortcut_projections", "counted_layers", "preserved_nodes", "build_pfm",
+           "reference_pfm", "reset_merged_batchnorm"]
+
+log = logging.getLogger(__name__)
+
+_DENSE = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
+          "conv_transpose3d"}
+_BN = "_native_batch_norm_legit_no_training"
+CONTEXTS = ("model_a", "model_b", "merged")
+
+
+def _packet(node: torch.fx.Node) -> str:
+    packet = getattr(node.target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") if packet is not None else ""
+
+
+def _inputs_of(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return list(dict.fromkeys(node.all_input_nodes))
+
+
+def data_nodes(tg: TracedGraph) -> set[torch.fx.Node]:
+    """Nodes whose value depends on a user input (placeholders of the inputs included)."""
+    out: set[torch.fx.Node] = set()
+    for node in tg.graph.nodes:
+        if (node.op == "placeholder" and node.name in tg.user_inputs) or (
+                node.op == "call_function" and any(p in out for p in node.all_input_nodes)):
+            out.add(node)
+    return out
+
+
+def dense_nodes(tg: TracedGraph) -> list[torch.fx.Node]:
+    """conv / linear nodes whose weight is a state_dict tensor, in topological order."""
+    return [n for n in tg.graph.nodes if n.op == "call_function" and _packet(n) in _DENSE
+            and len(n.args) > 1 and getattr(n.args[1], "name", None) in tg.state_keys]
+
+
+def _is_residual_add(node: torch.fx.Node, data: set) -> bool:
+    return _packet(node) in ("add", "add_") and sum(isinstance(a, torch.fx.Node) and a in data
+                                                    for a in node.args[:2]) == 2
+
+
+def _dense_depth(tg: TracedGraph, start: torch.fx.Node, blocked: torch.fx.Node, dense: set) -> dict:
+    """For nodes reachable from ``start`` without passing ``blocked``: the largest number of
+    conv / linear nodes on such a path (the node itself included)."""
+    depth: dict[torch.fx.Node, int] = {start: 0}
+    for node in tg.graph.nodes:
+        if node is blocked or node is start:
+            continue
+        got = [depth[p] for p in node.all_input_nodes if p in depth]
+        if got:
+            depth[node] = max(got) + (node in dense)
+    return depth
+
+
+def shortcut_projections(tg: TracedGraph) -> set[torch.fx.Node]:
+    """Shortcut projections, found from the graph alone (never from module names).
+
+    The rule: a conv / linear node ``c`` with data input ``x`` is a shortcut projection when its
+    output reaches a residual add (an add of two data-dependent values) through ops that have a
+    single data input and are not conv / linear (BatchNorm, getitem ...), and the add's other
+    operand depends on ``x`` through a path that avoids ``c`` and holds at least two conv / linear
+    layers (more than the one on ``c``'s branch): ResNet's 1x1 downsampling conv, not the stem
+    conv nor a block's last conv.
+    """
+    data = data_nodes(tg)
+    dense = dense_nodes(tg)
+    dense_set = set(dense)
+    out: set[torch.fx.Node] = set()
+    for c in dense:
+        x = c.args[0]
+        if not isinstance(x, torch.fx.Node):
+            continue
+        adds, frontier, seen = [], [c], {c}
+        while frontier:
+            n = frontier.pop()
+            for u in n.users:
+                if u in seen or u.op != "call_function":
+                    continue
+                seen.add(u)
+                if _is_residual_add(u, data):
+                    adds.append((u, n))
+                elif u not in dense_set and sum(p in data for p in u.all_input_nodes) == 1:
+                    frontier.append(u)
+        if not adds:
+            continue
+        depth = _dense_depth(tg, x, c, dense_set)
+        for add, via in adds:
+            other = [a for a in add.args[:2] if isinstance(a, torch.fx.Node) and a is not via]
+            if other and depth.get(other[0], 0) >= 2:
+                out.add(c)
+                break
+    return out
+
+
+def counted_layers(tg: TracedGraph) -> list[torch.fx.Node]:
+    """The layers PFM counts: conv / linear nodes in topological order, shortcut projections
+    excluded (the paper, Appendix A.3 "Merging Details")."""
+    skip = shortcut_projections(tg)
+    return [n for n in dense_nodes(tg) if n not in skip]
+
+
+def preserved_nodes(tg: TracedGraph, preserve_first: int) -> set[torch.fx.Node]:
+    """The preserved part for ``preserve_first=l`` (see the module docstring); empty for l = 0."""
+    layers = counted_layers(tg)
+    if preserve_first <= 0 or not layers:
+        return set()
+    last = layers[min(preserve_first, len(layers)) - 1]
+    data = data_nodes(tg)
+    dense = set(dense_nodes(tg))
+    keep: set[torch.fx.Node] = {last}
+    stack = [last]
+    while stack:
+        for p in stack.pop().all_input_nodes:
+            if p in data and p not in keep and p.op != "placeholder":
+                keep.add(p)
+                stack.append(p)
+    for node in tg.graph.nodes:  # forward closure: ops reading only preserved values
+        if node in keep or node not in data or node.op != "call_function" or node in dense:
+            continue
+        ins = [p for p in node.all_input_nodes if p in data]
+        if ins and all(p in keep or p.op == "placeholder" for p in ins) and any(p in keep for p in ins):
+            keep.add(node)
+    return keep
+
+
+def _is_float_tensor(node: torch.fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def build_pfm(tg: TracedGraph, preserved: set[torch.fx.Node], alpha: float, b_constants: Iterable[str] = ()
+              ) -> tuple[torch.fx.Graph, dict[str, list[torch.fx.Node]]]:
+    """The PFM graph: get_attr targets are ``"<context>.<state key>"`` (contexts ``model_a``,
+    ``model_b``, ``merged``) or, for keyless constants, ``"_constants.<placeholder>"`` (model_a's
+    value, also used by the merged part, as in `autoperm.merge`) and ``"_constants_b.<placeholder>"``
+    for those named in ``b_constants`` (model_b's value differs). Also returns the BatchNorm nodes
+    of the merged context (for RESET) as ``{"merged_bn": [...]}``."""
+    b_constants = set(b_constants)
+    graph = torch.fx.Graph()
+    data = data_nodes(tg)
+    env: dict[tuple[str, torch.fx.Node], Any] = {}
+    merges: dict[torch.fx.Node, torch.fx.Node] = {}
+    merged_bn: list[torch.fx.Node] = []
+    inputs = {n: graph.node_copy(n) for n in tg.graph.nodes if n.op == "placeholder" and n.name in tg.user_inputs}
+
+    def value(ctx: str, node: torch.fx.Node):
+        if node in inputs:
+            return inputs[node]
+        if ctx == "merged" and node in preserved:
+            if node not in merges:
+                a, b = value("model_a", node), value("model_b", node)
+                if _is_float_tensor(node):
+                    merges[node] = graph.call_function(torch.ops.aten.lerp.Scalar, (a, b, float(alpha)))
+                    merges[node].meta = {"val": node.meta.get("val"), "autoperm": f"merge of {node.name}"}
+                else:  # shapes and other non-float values are the same in both copies
+                    merges[node] = a
+            return merges[node]
+        if ctx != "merged" and node in data and node not in preserved:
+            raise AssertionError(f"{node.name} is not preserved but read by the {ctx} copy")
+        key = (ctx, node)
+        if key not in env:
+            if node.op == "placeholder":
+                if node.name in tg.state_keys:
+                    target = f"{ctx}.{tg.state_keys[node.name]}"
+                else:
+                    target = f"_constants{'_b' if ctx == 'model_b' and node.name in b_constants else ''}.{node.name}"
+                new = graph.get_attr(target)
+            else:
+                args = torch.fx.node.map_arg(node.args, lambda n: value(ctx, n))
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: value(ctx, n))
+                name = node.name if ctx == "merged" else f"{ctx[-1]}_{node.name}"
+                new = graph.create_node(node.op, node.target, args, kwargs, name=name)
+                if ctx == "merged" and _packet(node) == _BN:
+                    merged_bn.append(new)
+            new.meta = dict(node.meta)
+            env[key] = new
+        return env[key]
+
+    for node in tg.graph.nodes:
+        if node.op == "output":
+            graph.output(torch.fx.node.map_arg(node.args[0], lambda n: value("merged", n)))
+        elif node.op == "call_function" and node in data:
+            value("model_a" if node in preserved else "merged", node)
+            if node in preserved:
+                value("model_b", node)
+    return graph, {"merged_bn": merged_bn}
+
+
+@torch.no_grad()
+def reference_pfm(tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tensor]], preserved: set,
+                  alpha: float, inputs: tuple[torch.Tensor, ...],
+                  b_constants: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """PFM evaluated directly on the traced graph (an interpreter with three value tables), the
+    oracle the emitted module is checked against. ``states`` maps each context to a state dict;
+    ``b_constants`` gives model_b's keyless constants (default: model_a's)."""
+    b_constants = b_constants or {}
+    env: dict[str, dict] = {c: {} for c in CONTEXTS}
+    user = dict(zip(tg.user_inputs, inputs))
+
+    def get(ctx, node):
+        if node.name in user:
+            return user[node.name]
+        if ctx == "merged" and node in preserved:
+            a, b = get("model_a", node), get("model_b", node)
+            return torch.lerp(a, b, float(alpha)) if _is_float_tensor(node) else a
+        if node not in env[ctx]:
+            if node.op == "placeholder":
+                env[ctx][node] = (states[ctx][tg.state_keys[node.name]] if node.name in tg.state_keys
+                                  else b_constants.get(node.name, tg.constants[node.name]) if ctx == "model_b"
+                                  else tg.constants[node.name])
+            else:
+                args = torch.fx.node.map_arg(node.args, lambda n: get(ctx, n))
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: get(ctx, n))
+                env[ctx][node] = node.target(*args, **kwargs)
+        return env[ctx][node]
+
+    out = next(n for n in tg.graph.nodes if n.op == "output")
+    return list(torch.fx.node.map_arg(out.args[0], lambda n: get("merged", n)))
+
+
+class _BatchStats(torch.fx.Interpreter):
+    """Runs an emitted PFM module with the merged BatchNorms in training mode (batch statistics)
+    and accumulates each one's batch mean and unbiased variance."""
+
+    def __init__(self, gm: torch.fx.GraphModule, bns: set[str]) -> None:
+        super().__init__(gm)
+        self.bns = bns
+        self.sums: dict[str, list] = {}
+
+    def run_node(self, n: torch.fx.Node):
+        if n.name not in self.bns:
+            return super().run_node(n)
+        x, w, b, _, _, momentum, eps = self.map_nodes_to_values(n.args, n)
+        dims = [d for d in range(x.dim()) if d != 1]
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        count = x.numel() // x.shape[1]
+        acc = self.sums.setdefault(n.name, [0, 0.0, 0.0])
+        acc[0] += 1
+        acc[1] = acc[1] + mean
+        acc[2] = acc[2] + var * (count / max(count - 1, 1))
+        return torch.ops.aten._native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)
+
+
+@torch.no_grad()
+def reset_merged_batchnorm(module: torch.fx.GraphModule, bn_names: list[str], data: Iterable,
+                           n_inputs: int = 1) -> None:
+    """RESET for the merged part (in place): recompute the running statistics of the BatchNorm
+    nodes named ``bn_names`` as the average of their batch statistics over ``data``."""
+    if not bn_names:
+        log.info("normalize='reset': the merged part has no BatchNorm; nothing to reset")
+        return
+    nodes = {n.name: n for n in module.graph.nodes}
+    runner = _BatchStats(module, set(bn_names))
+    batches = 0
+    for batch in data:
+        runner.run(*batch_inputs(batch, n_inputs))
+        batches += 1
+    if batches == 0:
+        raise ValueError("normalize='reset' got no batches in data")
+    for name in bn_names:
+        count, s, sq = runner.sums[name]
+        rm, rv = (nodes[name].args[3].target, nodes[name].args[4].target)
+        for target, value in ((rm, s / count), (rv, sq / count)):
+            buf = module.get_buffer(target) if _is_buffer(module, target) else module.get_parameter(target)
+            buf.copy_(value.to(buf.dtype))
+    log.info("reset %d merged BatchNorm layers over %d batches", len(bn_names), batches)
+
+
+def _is_buffer(module: nn.Module, target: str) -> bool:
+    try:
+        module.get_buffer(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tensor]],
+               preserve_first: int, alpha: float, inputs: tuple[torch.Tensor, ...], outputs: Any,
+               normalize: str | None = None, data: Iterable | None = None,
+               b_constants: Mapping[str, torch.Tensor] | None = None,
+               grouped: set[str] | None = None) -> torch.fx.GraphModule:
+    """Emit the PFM module for already aligned and interpolated ``states`` (see `pfm_merge` in
+    `autoperm.rewrite`), checked against `reference_pfm` on ``inputs``, then normalized
+    (``grouped``: the weight keys whose output dim is grouped, for REPAIR / RESCALE)."""
+    layers = counted_layers(tg)
+    if not layers:
+        raise ValueError("preserve_first: the model has no conv / linear layer to count")
+    if preserve_first > len(layers):
+        log.info("preserve_first=%d >= %d counted layers: the whole model is preserved (the ensemble)",
+                 preserve_first, len(layers))
+    preserved = preserved_nodes(tg, preserve_first)
+    b_constants = {k: v for k, v in (b_constants or {}).items()
+                   if not (v.shape == tg.constants[k].shape and torch.equal(v, tg.constants[k]))}
+    graph, info = build_pfm(tg, preserved, alpha, b_constants)
+    tensors: dict[str, torch.Tensor] = {f"_constants.{k}": v for k, v in tg.constants.items()}
+    tensors.update({f"_constants_b.{k}": v for k, v in b_constants.items()})
+    buffers = set()
+    bufs = buffer_keys(model_a)
+    for ctx in CONTEXTS:
+        for key, t in states[ctx].items():
+            tensors[f"{ctx}.{key}"] = t
+            if key in bufs:
+                buffers.add(f"{ctx}.{key}")
+    names = {n.name for n in info["merged_bn"]}
+    module = emit(graph, tensors, buffers=buffers, out_spec=output_spec(outputs),
+                  static_batch=None if tg.dynamic_batch else inputs[0].shape[0], class_name="PFMModule")
+    ref = reference_pfm(tg, states, preserved, alpha, inputs, b_constants)
+    from .emit import check_module
+
+    check_module(module, inputs, ref)
+    if normalize == "reset":
+        reset_merged_batchnorm(module, [n for n in names if n in {m.name for m in module.graph.nodes}],
+                               data, len(inputs))
+    elif normalize in ("repair", "rescale"):
+        from .pfm_normalize import repair_merged
+
+        repair_merged(module, tg, states, set(grouped or ()), data, alpha, normalize, len(inputs))
+    module.autoperm_pfm = {"preserve_first": int(preserve_first), "counted_layers": len(layers),
+                           "layers": [n.name for n in layers], "alpha": float(alpha)}
+    return module

@@ -1,0 +1,109 @@
+"""REPAIR / RESCALE for Preserve-First Merging (the Vanishing Feature paper, ../papers/003, section
+4.4 and Figure 4 right: "Normalization is applied to the merged layers"; Table 1's REPAIR /
+RESCALE columns; DESIGN.md section 4).
+
+Only the merged part of the emitted PFM module is touched. For every merged conv / linear layer
+whose output channels form a group (never the model's output layer), the goal per-channel
+statistics of its pre-activation output are ``(1 - alpha) * (E_A, Std_A) + alpha * (E_B, Std_B)``,
+measured at that layer in the endpoints (model_a and aligned model_b, run whole on ``data``);
+the PFM module's own statistics there are then set to the goal, layer by layer in graph order,
+and folded into that layer's weight and bias (`autoperm.merge.repair.repair_state`; RESCALE
+matches the std only). A merged layer that feeds a BatchNorm is left alone and the merged
+BatchNorm's running statistics are set to the PFM module's exact statistics on ``data``, as the
+plain REPAIR does. The preserved copies (``model_a.*`` / ``model_b.*`` keys) are never changed,
+and no module is added.
+
+The correction runs on the emitted module's own graph (its ``get_attr`` nodes turned into
+placeholders, `pfm_traced`), so the statistics measured are those of the module returned; with
+``preserve_first=0`` the result is the plain ``merge(..., normalize="repair")``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Mapping
+
+import torch
+
+from ..frontend import TracedGraph
+from ..merge.repair import channel_moments, find_layers, repair_state
+
+__all__ = ["pfm_traced", "repair_merged"]
+
+log = logging.getLogger(__name__)
+
+
+def pfm_traced(module: torch.fx.GraphModule) -> TracedGraph:
+    """The emitted module's graph as a `TracedGraph`: every ``get_attr`` becomes a placeholder
+    named like the node it replaces (so node names are kept), keyed by the module's state_dict
+    key; non-persistent buffers become constants."""
+    persistent = set(module.state_dict())
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    state_keys: dict[str, str] = {}
+    constants: dict[str, torch.Tensor] = {}
+    user: list[str] = []
+    for node in module.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node)
+            user.append(env[node].name)
+    for node in module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        new = env[node] = graph.placeholder(node.name)
+        new.meta = dict(node.meta)
+        if node.target in persistent:
+            state_keys[new.name] = node.target
+        else:
+            constants[new.name] = module.get_buffer(node.target)
+    for node in module.graph.nodes:
+        if node.op not in ("placeholder", "get_attr"):
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    renamed = [n.name for n in module.graph.nodes if n.name != env[n].name]
+    if renamed:  # cannot happen: the names come from one graph
+        raise AssertionError(f"PFM graph copy renamed nodes: {renamed[:3]}")
+    return TracedGraph(graph_module=torch.fx.GraphModule(torch.nn.Module(), graph), state_keys=state_keys,
+                       keyless={k: "non-persistent buffer" for k in constants}, user_inputs=user, shapes={},
+                       constants=constants)
+
+
+@torch.no_grad()
+def repair_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tensor]],
+                  grouped: set[str], data: Iterable, alpha: float, mode: str, n_inputs: int = 1) -> None:
+    """REPAIR / RESCALE of the merged part of an emitted PFM ``module`` (in place; see the module
+    docstring). ``tg`` is model_a's traced graph, ``states`` holds ``model_a`` / ``model_b``
+    (aligned) state dicts, ``grouped`` the state_dict keys of weights whose output dim is grouped."""
+    if mode not in ("repair", "rescale"):
+        raise ValueError(f"repair_merged: mode must be 'repair' or 'rescale', got {mode!r}")
+    data = list(data)
+    if not data:
+        raise ValueError(f"normalize={mode!r} got no batches in data")
+    original = getattr(module, "autoperm_keys", {})  # module key -> "<context>.<key>"
+    new_of = {orig: new for new, orig in original.items()}
+    tg_p = pfm_traced(module)
+    merged_grouped = {new_of[f"merged.{k}"] for k in grouped if f"merged.{k}" in new_of}
+    layers = [lay for lay in find_layers(tg_p, merged_grouped)
+              if lay.kind == "dense" or original.get(lay.running_mean, "").startswith("merged.")]
+    dense = [lay for lay in layers if lay.kind == "dense"]
+    # the merged copy of a node keeps the node's name (`build_pfm`): goal sites in model_a's graph
+    sites = {lay.node: lay for lay in find_layers(tg, grouped) if lay.kind == "dense"}
+    for lay in dense:
+        site = sites.get(lay.node)
+        if site is None or original.get(lay.weight) != f"merged.{site.weight}":
+            raise AssertionError(f"PFM {mode}: merged layer {lay.node} ({original.get(lay.weight)}) has no "
+                                 "matching layer in model_a's graph")
+    goal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if dense:
+        wanted = [sites[lay.node] for lay in dense]
+        ma = channel_moments(tg, states["model_a"], data, wanted, n_inputs)
+        mb = channel_moments(tg, states["model_b"], data, wanted, n_inputs)
+        goal = {n: ((1 - alpha) * ma[n][0] + alpha * mb[n][0], (1 - alpha) * ma[n][1] + alpha * mb[n][1])
+                for n in ma}
+    if not layers:
+        log.info("normalize=%r: the merged part has no layer to normalize (everything is preserved)", mode)
+        return
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    state = repair_state(tg_p, state, layers, data, goal, mode=mode, n_inputs=n_inputs)
+    module.load_state_dict(state)
+    log.info("PFM %s: %d merged conv / linear layers, %d merged BatchNorm layers", mode, len(dense),
+             len(layers) - len(dense))

@@ -1,0 +1,124 @@
+"""Head and head_dim groups of every attention layer in the zoo's attention models.
+
+Issue target: every ViT / DeiT / BEiT-like model has head and head_dim groups, not only the
+residual stream. For each model, every submodule with an integer ``num_heads`` (or ``n_heads``) attribute is an
+attention layer; for the tensors under it (qkv / q / k / v / in_proj / proj weights) we list the
+groups acting on dim 0 and check that
+- a *head* group exists: size ``num_heads``, laid out with ``inner`` = head_dim slots per unit, and
+- a *head_dim* group exists: laid out with ``inner`` = 1 and ``outer`` a multiple of num_heads
+  (one slot per unit in every head, and in each of q / k / v for a fused projection).
+Models with ``num_heads == 1`` everywhere need no head group (only head_dim is checked).
+
+Usage: python benchmarks/attention_groups.py [--models timm:vit_base_patch16_224 ...]
+Writes benchmarks/results/attention_groups.md and .json. Input sizes are the ones the zoo
+coverage benchmark used (benchmarks/results/zoo_coverage.json), 64x64 where the model accepts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import autoperm
+from autoperm.zoo import load
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT = [
+    "torchvision:vit_b_16", "torchvision:vit_b_32", "torchvision:swin_t", "torchvision:maxvit_t",
+    "timm:vit_base_patch16_224", "timm:deit3_base_patch16_224", "timm:deit_tiny_patch16_224",
+    "timm:beit_base_patch16_224", "timm:beit3_base_patch16_224", "timm:eva02_base_patch14_224",
+    "timm:cait_s24_224", "timm:convit_base", "timm:crossvit_9_240", "timm:pit_b_224",
+    "timm:tnt_b_patch16_224", "timm:xcit_medium_24_p8_224", "timm:samvit_base_patch16",
+    "timm:naflexvit_base_patch16_gap", "timm:vit_base_mci_224", "timm:test_vit_relpos",
+    "timm:swin_base_patch4_window7_224", "timm:levit_128",
+]
+
+
+def _sizes_from_coverage() -> dict[str, int | None]:
+    path = RESULTS / "zoo_coverage.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {k: r.get("image_size_arg") for k, r in rows.items()}
+
+
+def attention_layers(model: torch.nn.Module) -> list[tuple[str, int]]:
+    out = []
+    for name, m in model.named_modules():
+        heads = next((getattr(m, a) for a in ("num_heads", "n_heads") if isinstance(getattr(m, a, None), int)), None)
+        if heads is not None and name:
+            out.append((name, heads))
+    return out
+
+
+def check_layer(spec: autoperm.PermutationSpec, prefix: str, heads: int) -> dict:
+    """Groups on dim 0 of the tensors under ``prefix``: is there a head group and a head_dim group?"""
+    found_heads, found_hd, tensors = [], [], set()
+    for g in spec.groups:
+        for ax in g.axes:
+            if not ax.tensor.startswith(prefix + ".") or ax.dim != 0 or len(spec.shapes[ax.tensor]) < 2:
+                continue
+            tensors.add(ax.tensor)
+            if heads > 1 and g.size == heads and ax.inner > 1:
+                found_heads.append(g.name)
+            if ax.inner == 1 and ax.outer >= heads and ax.outer % heads == 0 and ax.outer > 1 and g.size > 1:
+                found_hd.append(g.name)
+    return {"layer": prefix, "num_heads": heads, "head_groups": sorted(set(found_heads)),
+            "head_dim_groups": sorted(set(found_hd)), "tensors": sorted(tensors),
+            "ok": (bool(found_heads) or heads == 1) and bool(found_hd)}
+
+
+def run(name: str, size: int | None) -> dict:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, x = load(name, image_size=size)
+    spec = autoperm.trace(model, x, verify=True)
+    layers = [check_layer(spec, p, h) for p, h in attention_layers(model)]
+    return {"model": name, "input": list(x[0].shape), "trace_verify_s": round(time.perf_counter() - t0, 2),
+            "groups": len(spec.groups), "attention_layers": len(layers),
+            "layers_ok": sum(r["ok"] for r in layers), "layers": layers}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=DEFAULT)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    sizes = _sizes_from_coverage()
+    rows = []
+    for name in args.models:
+        try:
+            row = run(name, sizes.get(name, 64))
+        except Exception as exc:  # noqa: BLE001 - report, never hide
+            row = {"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        rows.append(row)
+        print(name, {k: v for k, v in row.items() if k != "layers"}, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "attention_groups.json").write_text(json.dumps(rows, indent=1))
+    lines = ["# head and head_dim groups in attention models", "",
+             f"`python benchmarks/attention_groups.py` (torch {torch.__version__}, autoperm "
+             f"{autoperm.__version__}). An attention layer is a submodule with an integer `num_heads`; "
+             "it passes when some group of size num_heads acts on dim 0 of a tensor under it with "
+             "head_dim slots per unit (the head group) and some group acts there repeated in every head "
+             "(a head_dim group). Every spec below was verified (float64, random permutations).", "",
+             "| model | input | groups | attention layers | with head + head_dim groups | example layer: head groups / head_dim groups |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | | | | ERROR | {r['error']} |")
+            continue
+        ex = next((layer for layer in r["layers"] if layer["ok"]), r["layers"][0] if r["layers"] else None)
+        desc = (f"`{ex['layer']}` (H={ex['num_heads']}): {', '.join(ex['head_groups']) or '-'} / "
+                f"{', '.join(ex['head_dim_groups']) or '-'}") if ex else "-"
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['groups']} | "
+                     f"{r['attention_layers']} | {r['layers_ok']} | {desc} |")
+    (RESULTS / "attention_groups.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

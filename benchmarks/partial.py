@@ -1,0 +1,174 @@
+"""Partial merging on scikit-learn's digits: accuracy-barrier reduction against added parameters
+(the Partial Model Merging thesis, ../papers/004, Figures 4.12-4.15 and 4.27-4.30).
+
+Usage: python benchmarks/partial.py [--models mlp128,vgg] [--epochs 30]
+Writes benchmarks/results/partial.png, partial.md and partial.json. Per model pair (trained as in
+benchmarks/merge_quality.py, aligned by activation matching) and with / without REPAIR:
+
+* forced: every group widened by gamma in {0, .1, .2, .3, .5, .7, 1};
+* adaptive: thresholds epsilon in {.1, .2, .3, .4, .5, .6, .8} (at most gamma = 1);
+* benefit-ordered (thesis section 4.8): each group widened alone, benefit factor = accuracy gain
+  (on 400 training samples, no test data) / added parameters; then
+  `autoperm.rewrite.partial.benefit_order` for budgets of +5% .. +100% parameters (groups
+  switched to gamma = 1 in that order, the remainder given to the next group).
+
+The barrier is the midpoint's (alpha = 0.5) accuracy barrier, mean endpoint accuracy minus the
+merged accuracy, on the 397 test samples; reduction is relative to
+the full merge with the same normalization. Parameters count every stored element (the widened
+tensors' zero blocks included), relative to one endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import autoperm  # noqa: E402
+from autoperm.rewrite.partial import benefit_factors, benefit_order, partial_widen  # noqa: E402
+from digits_models import MODELS  # noqa: E402
+from merge_quality import digits, evaluate, train  # noqa: E402
+
+GAMMAS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+EPSILONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
+BUDGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+
+
+def run_model(name: str, epochs: int, train_set, test_set, stats_n: int) -> dict:
+    factory, _ = MODELS[name]
+    (xtr, ytr), (xte, yte) = train_set, test_set
+    xva, yva = xtr[-400:], ytr[-400:]
+    t0 = time.perf_counter()
+    a, b = train(factory, xtr, ytr, 1, epochs), train(factory, xtr, ytr, 2, epochs)
+    data = list(xtr[:stats_n].split(128))
+    al = autoperm.match(a, b, method="activation", data=data)
+    acc = lambda m, x, y: evaluate(m, x, y)["acc"]  # noqa: E731
+    ends = (acc(a, xte, yte) + acc(b, xte, yte)) / 2
+    with torch.no_grad():
+        ens = ((a(xte) + b(xte)) / 2).argmax(1).eq(yte).float().mean().item()
+    row = {"params": sum(p.numel() for p in a.parameters()), "endpoints": ends, "ensemble": ens,
+           "acc_a": acc(a, xte, yte), "acc_b": acc(b, xte, yte), "curves": {}}
+
+    def point(norm, **kw) -> dict:
+        r = partial_widen(a, b, al, alpha=0.5, normalize=norm, data=data, **kw)
+        return {"added": r.added, "added_nonzero": r.nonzero / r.params_base - 1, "acc": acc(r.module, xte, yte),
+                "widths": {g: w for g, (n, w) in r.widths.items()}}
+
+    for norm in (None, "repair"):
+        tag = norm or "none"
+        curves = {"forced": [dict(point(norm, partial=g), gamma=g) for g in GAMMAS]}
+        curves["adaptive"] = [dict(point(norm, partial=1.0, assignment="adaptive", threshold=e), epsilon=e)
+                              for e in EPSILONS]
+        factors = benefit_factors(a, b, al, data, lambda m: acc(m, xva, yva), alpha=0.5, normalize=norm)
+        order = sorted(factors, key=lambda g: -factors[g].factor)
+        bo = [dict(curves["forced"][0], budget=0.0, gammas={})]
+        for budget in BUDGETS:
+            gammas = benefit_order(a, b, al, data, None, budget=budget, factors=factors)
+            bo.append(dict(point(norm, partial=gammas) if gammas else curves["forced"][0], budget=budget,
+                           gammas=gammas))
+        curves["benefit"] = bo
+        full = curves["forced"][0]["acc"]
+        for pts in curves.values():
+            for p in pts:
+                barrier = ends - p["acc"]
+                p["barrier"] = barrier
+                p["reduction"] = 1 - barrier / (ends - full) if ends - full > 1e-9 else float("nan")
+        row["curves"][tag] = {"full_acc": full, "factors": {g: vars(f) for g, f in factors.items()}, **curves}
+        print(f"{name}/{tag}: endpoints {ends:.3f} ensemble {ens:.3f} full {full:.3f}; benefit order {order}",
+              file=sys.stderr, flush=True)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def removed_within(points: list[dict], limit: float = 0.30) -> float | None:
+    """Smallest parameter increase at which the barrier is gone (<= 0), if within ``limit``."""
+    ok = [p["added"] for p in points if p["barrier"] <= 0 and p["added"] <= limit + 1e-9]
+    return min(ok) if ok else None
+
+
+def render(rows: dict, args) -> str:
+    lines = ["# partial merging on digits", "",
+             f"`python benchmarks/partial.py --models {','.join(rows)} --epochs {args.epochs}` (scikit-learn digits: "
+             "1400 train / 397 test; pairs trained from seeds 1 and 2 as in merge_quality.py; "
+             "activation matching; alpha = 0.5; accuracies in %; added = stored parameters relative to one "
+             "endpoint; reduction = share of the full merge's accuracy barrier removed). Target: benefit-ordered "
+             "partial merging after REPAIR removes the barrier with at most +30% parameters.", ""]
+    for name, r in rows.items():
+        lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters)", "",
+                  f"endpoints {100 * r['acc_a']:.1f} / {100 * r['acc_b']:.1f} (mean {100 * r['endpoints']:.1f}); "
+                  f"ensemble {100 * r['ensemble']:.1f}", ""]
+        for tag, c in r["curves"].items():
+            hit = removed_within(c["benefit"])
+            lines += [f"### normalization: {tag} (full merge {100 * c['full_acc']:.1f}; benefit-ordered removes the "
+                      f"barrier within +30%: {'yes, at +%.0f%%' % (100 * hit) if hit is not None else 'no'})", "",
+                      "| strategy | setting | added params | added non-zero | acc | barrier | reduction |",
+                      "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+            for strat in ("forced", "adaptive", "benefit"):
+                for p in c[strat]:
+                    setting = (f"gamma {p['gamma']}" if strat == "forced" else f"eps {p['epsilon']}"
+                               if strat == "adaptive" else f"budget +{100 * p['budget']:.0f}%: "
+                               + (", ".join(f"{g}:{v:g}" for g, v in p["gammas"].items()) or "none"))
+                    lines.append(f"| {strat} | {setting} | {100 * p['added']:+.0f}% | "
+                                 f"{100 * p['added_nonzero']:+.0f}% | {100 * p['acc']:.1f} | "
+                                 f"{100 * p['barrier']:.1f} | {100 * p['reduction']:.0f}% |")
+            order = sorted(c["factors"].items(), key=lambda kv: -kv[1]["factor"])
+            lines += ["", "benefit factors (training-subset accuracy gain / added parameters, group alone at gamma 1): "
+                      + ", ".join(f"`{g}` {v['gain'] * 100:+.1f} pts / {v['params']}" for g, v in order), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = ["none", "repair"]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
+    for i, (name, r) in enumerate(rows.items()):
+        for j, tag in enumerate(tags):
+            ax = axes[i][j]
+            c = r["curves"][tag]
+            for strat, style in (("forced", "o-"), ("adaptive", "s--"), ("benefit", "^-")):
+                pts = sorted(c[strat], key=lambda p: p["added"])
+                ax.plot([100 * p["added"] for p in pts], [100 * p["reduction"] for p in pts], style, label=strat)
+            ax.axhline(100, color="grey", lw=0.8, ls=":")
+            ax.axvline(30, color="red", lw=0.8, ls=":")
+            ax.set_title(f"{name}, {'after REPAIR' if tag == 'repair' else 'no normalization'}")
+            ax.set_xlabel("added parameters (%)")
+            ax.set_ylabel("accuracy barrier reduction (%)")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mlp128,vgg")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--stats", type=int, default=512, help="training samples used for statistics / REPAIR")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--append", action="store_true", help="keep the models already in partial.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    train_set, test_set = digits()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = json.loads((out / "partial.json").read_text()) if args.append and (out / "partial.json").exists() else {}
+    for name in args.models.split(","):
+        rows[name] = run_model(name, args.epochs, train_set, test_set, args.stats)
+        (out / "partial.json").write_text(json.dumps(rows, indent=1))
+        (out / "partial.md").write_text(render(rows, args))
+        plot(rows, out / "partial.png")
+    print(render(rows, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Preserve-First Merging on digits, in the layout of Table 1 of the Vanishing Feature paper
+(../papers/003, section 4.4): rows PFM_{l/L}, columns the midpoint accuracy without normalization,
+with RESET (BatchNorm models), REPAIR and RESCALE (of the merged layers only), and the parameter /
+FLOP multipliers against one model.
+
+Usage: python benchmarks/pfm.py [--models vgg,resnet20x1] [--epochs 30]
+Pairs are trained as in benchmarks/merge_quality.py (seeds 1 and 2), aligned by activation
+matching (as the paper's Table 1), merged at alpha = 0.5. Writes benchmarks/results/pfm.md / .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import autoperm  # noqa: E402
+from autoperm.frontend import capture  # noqa: E402
+from autoperm.rewrite import flop_count, param_count  # noqa: E402
+from autoperm.rewrite.pfm import counted_layers  # noqa: E402
+from digits_models import MODELS  # noqa: E402
+from merge_quality import digits, evaluate, train  # noqa: E402
+
+ROWS = {"vgg": None, "resnet20x1": [0, 3, 6, 9, 13, 16, 19, 20]}
+
+
+def run_model(name, epochs, train_set, test_set):
+    factory, _ = MODELS[name]
+    (xtr, ytr), (xte, yte) = train_set, test_set
+    t0 = time.perf_counter()
+    a, b = train(factory, xtr, ytr, 1, epochs), train(factory, xtr, ytr, 2, epochs)
+    train_s = time.perf_counter() - t0
+    data = list(xtr.split(256))
+    with torch.no_grad():
+        ens = ((a(xte) + b(xte)) / 2).argmax(1).eq(yte).float().mean().item()
+    al = autoperm.match(a, b, method="activation", data=data, example_inputs=xte[:4])
+    L = len(counted_layers(al.traced or capture(a, xte[:4])))
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
+    norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale"]
+    base_params, base_flops = param_count(a), flop_count(a, xte[:1])
+    row = {"L": L, "params": base_params, "flops": base_flops, "train_s": train_s,
+           "acc_a": evaluate(a, xte, yte)["acc"], "acc_b": evaluate(b, xte, yte)["acc"], "ensemble": ens,
+           "pfm": {}}
+    for l in ROWS.get(name) or list(range(L + 1)):
+        cell = {}
+        for norm in norms:
+            t1 = time.perf_counter()
+            m = autoperm.merge(a, b, alignment=al, preserve_first=l, normalize=norm,
+                               data=data if norm else None, example_inputs=xte[:4]) if l else \
+                autoperm.merge(a, b, alignment=al, normalize=norm, data=data if norm else None)
+            cell[norm or "none"] = evaluate(m, xte, yte)["acc"]
+            cell["param_x"] = param_count(m) / base_params
+            cell["flop_x"] = flop_count(m, xte[:1]) / base_flops
+            print(f"{name} l={l}/{L} {norm}: {cell[norm or 'none']:.3f} params x{cell['param_x']:.2f} "
+                  f"({time.perf_counter() - t1:.1f}s)", file=sys.stderr, flush=True)
+        row["pfm"][str(l)] = cell
+    return row
+
+
+def render(rows, args):
+    lines = ["# Preserve-First Merging on digits", "",
+             f"`python benchmarks/pfm.py --epochs {args.epochs}` (torch.set_num_threads(1); scikit-learn digits, "
+             "1400 train / 397 test; pairs from seeds 1 and 2; activation matching; alpha = 0.5). "
+             "PFM_{l/L}: the first l of L counted layers (conv / linear in topological order, shortcut "
+             "projections excluded) are kept unmerged; l = 0 is the full merge, l = L the ensemble. "
+             "Accuracies in %; multipliers against one model (FLOPs counted by FlopCounterMode, batch 1). "
+             "Normalizations act on the merged layers only, measured on the training set: reset (merged "
+             "BatchNorms recomputed), repair / rescale (each merged conv / linear layer's per-channel "
+             "pre-activation mean and std / std only set to the endpoints' interpolation, folded into its "
+             "weights; a merged layer feeding a BatchNorm is left alone and that BatchNorm gets the exact "
+             "statistics instead, so on ResNet20 repair and rescale both amount to a BatchNorm reset with "
+             "population variances).", ""]
+    for name, r in rows.items():
+        ends = (r["acc_a"] + r["acc_b"]) / 2
+        norms = [k for k in next(iter(r["pfm"].values())) if k not in ("param_x", "flop_x")]
+        lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters, L = {r['L']})", "",
+                  f"endpoints {100 * r['acc_a']:.1f} / {100 * r['acc_b']:.1f} (mean {100 * ends:.1f}); "
+                  f"ensemble {100 * r['ensemble']:.1f}", "",
+                  "| PFM | " + " | ".join(f"mid acc ({n})" for n in norms) + " | params | FLOPs |",
+                  "| --- | " + " | ".join("---:" for _ in norms) + " | ---: | ---: |"]
+        best = None
+        for l, c in r["pfm"].items():
+            accs = " | ".join(f"{100 * c[n]:.1f}" + (" *" if c[n] >= ends else "") for n in norms)
+            lines.append(f"| PFM {l}/{r['L']} | {accs} | {c['param_x']:.2f}x | {c['flop_x']:.2f}x |")
+            hit = [n for n in norms if c[n] >= ends]
+            if best is None and c["param_x"] <= 1.3 and hit:
+                best = (l, c, hit)
+        lines += ["", "`*`: at or above the endpoints' mean. " + (
+            f"Target met: PFM {best[0]}/{r['L']} with {best[1]['param_x']:.2f}x parameters "
+            f"({', '.join(best[2])})." if best else
+            "Target (<= 1.3x parameters, >= endpoints' mean) not met."), ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="vgg,resnet20x1")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    train_set, test_set = digits()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for name in args.models.split(","):
+        rows[name] = run_model(name, args.epochs, train_set, test_set)
+        (out / "pfm.json").write_text(json.dumps(rows, indent=1))
+        (out / "pfm.md").write_text(render(rows, args))
+    print(render(rows, args))
+
+
+if __name__ == "__main__":
+    main()
