@@ -177,10 +177,11 @@ def test_pfm_repair_hits_goal_on_merged_layers_only(mode):
             fa, fb = a[:i + 1](x), b_al[:i + 1](x)
             goal_std = (1 - alpha) * fa.std(0, unbiased=False) + alpha * fb.std(0, unbiased=False)
             goal_mean = (1 - alpha) * fa.mean(0) + alpha * fb.mean(0)
-            # measured: relative std error <= 1e-9, mean error <= 1e-9 (eps = 1e-8 in the std ratio)
-            assert torch.allclose(h.std(0, unbiased=False), goal_std, rtol=1e-7, atol=0)
+            # measured: std relative error 5.6e-7 (= eps / std: repair_state's eps = 1e-8 against stds
+            # down to 0.018), mean error 6e-17; tolerances 2e-6 relative and 1e-12 absolute
+            assert torch.allclose(h.std(0, unbiased=False), goal_std, rtol=2e-6, atol=0)
             if mode == "repair":
-                assert torch.allclose(h.mean(0), goal_mean, rtol=0, atol=1e-7)
+                assert torch.allclose(h.mean(0), goal_mean, rtol=0, atol=1e-12)
             else:
                 assert not torch.allclose(h.mean(0), goal_mean, atol=1e-3), "RESCALE leaves means alone"
 
