@@ -164,3 +164,16 @@ def test_errors_name_the_missing_parameter(kwargs, message):
         autoperm.match(a, b, **kwargs)
     with pytest.raises(ValueError, match=message):
         autoperm.merge(a, b, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["ste", "sinkhorn"])
+def test_loss_objectives_run_on_batchnorm_models(method):
+    """BatchNorm running statistics are interpolated without gradient (batch_norm refuses them)."""
+    factory, inputs = ZOO["resnet20"]
+    a, b = factory().eval(), factory().eval()
+    x = inputs()[0]
+    y = torch.arange(x.shape[0]) % 5
+    before = state_snapshot(b)
+    al = autoperm.match(a, b, method=method, data=[(x, y)], loss_fn=F.cross_entropy, steps=2, example_inputs=x)
+    assert len(al.history) >= 2 and all(torch.isfinite(torch.tensor(al.history)))
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())

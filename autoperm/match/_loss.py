@@ -58,6 +58,9 @@ class MidpointLoss:
         if not self.batches:
             raise ValueError(f"method={method!r} got no batches in data=")
         self.model = copy_module(model_a).eval()
+        # buffers (BatchNorm running statistics) are interpolated but carry no gradient:
+        # batch_norm refuses running statistics that require grad
+        self.buffers = {name for name, _ in self.model.named_buffers()}
         self.state_a = {k: v.detach() for k, v in state_a.items()}
         self.state_b = {k: v.detach() for k, v in state_b.items()}
         self.loss_fn = loss_fn
@@ -68,6 +71,8 @@ class MidpointLoss:
         for k, a in self.state_a.items():
             b = aligned_b.get(k, self.state_b[k])
             out[k] = a + self.alpha * (b - a) if a.is_floating_point() else a
+            if k in self.buffers:
+                out[k] = out[k].detach()
         return out
 
     def __call__(self, aligned_b: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
