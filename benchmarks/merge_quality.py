@@ -122,7 +122,9 @@ def render(rows, args):
              "397 test, pairs trained from seeds 1 and 2; alpha is the weight of model B; barriers are maxima "
              "over alpha in {0, .25, .5, .75, 1}; accuracies in %). sinkhorn: weight-distance objective; "
              "sinkhorn_loss and ste: midpoint cross-entropy on the training batches"
-             f"{'' if args.steps is None else f', {args.steps} steps'}.", ""]
+             f"{'' if args.steps is None else f', {args.steps} steps'}. With `--append`, rows come from separate runs "
+             "(`--models` / `--methods` subsets, same epochs and seeds): each table lists the methods run for "
+             "that model.", ""]
     for name, r in rows.items():
         ends = (r["acc_a"] + r["acc_b"]) / 2
         lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters)", "",
