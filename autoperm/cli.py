@@ -22,6 +22,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, Sequence
+from . import __version__
 
 __all__ = ["main", "build_parser", "CLIError", "EXIT_CODES"]
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile the permutation symmetries of PyTorch models; align and merge models with them.",
         epilog=f"MODEL is torchvision:NAME, timm:NAME or path/to/file.py:factory.\n\nexit codes:\n{codes}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    parser.add_argument("--version", action="version", version=f"autoperm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{spec,merge,demo}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -243,3 +243,10 @@ def test_console_script_reports_one_line_error(tmp_path):
                                    "torchvision:resnet18"], capture_output=True, text=True, timeout=300)
     assert result.returncode == EXIT_FILE
     assert result.stderr.strip() == f"autoperm: error: A checkpoint '{tmp_path / 'a.pt'}' not found"
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"autoperm {autoperm.__version__}"
