@@ -117,13 +117,13 @@ def run_demo(out_dir: str | Path = "autoperm_demo", epochs: int = 8, width: int 
         rows.append((label, acc(merge(a, b, alignment=al, normalize=norm, data=data))))
     alphas = [i / 8 for i in range(9)]
     curves = {name: interpolate(a, b, alphas, acc, alignment=al, normalize=norm, data=data)
-              for name, al, norm in [("naive", match(a, b, spec, method="identity"), "reset"),
+              for name, al, norm in [("naive + RESET", match(a, b, spec, method="identity"), "reset"),
                                      ("weight + REPAIR", weight, "repair")]}
     _write_curves(out, alphas, curves)
     width = max(len(r[0]) for r in rows)
     lines = [spec.table(), "", "test accuracy on digits (midpoint alpha = 0.5 for merges):"]
     lines += [f"  {name.ljust(width)}  {100 * v:5.1f}%" for name, v in rows]
-    lines += ["", f"accuracy barrier: naive {100 * curves['naive'].accuracy_barrier('value'):.1f} points, "
+    lines += ["", f"accuracy barrier: naive + RESET {100 * curves['naive + RESET'].accuracy_barrier('value'):.1f} points, "
               f"weight + REPAIR {100 * curves['weight + REPAIR'].accuracy_barrier('value'):.1f} points",
               f"wrote {out / 'spec.json'}, {out / 'spec.dot'} (dot -Tsvg {out / 'spec.dot'} -o spec.svg) "
               f"and the interpolation curve {out / 'curve.csv'}"
