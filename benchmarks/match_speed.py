@@ -38,6 +38,8 @@ from autoperm.match import weight as weight_module  # noqa: E402
 from autoperm.permute import permute_state_dict  # noqa: E402
 from autoperm.zoo import load  # noqa: E402
 
+STARTS = 2  # weight matching starts (--starts)
+
 # activation matching inputs per model: (batch, image size)
 ACT_INPUTS = {"resnet50": (16, 128), "vit_b_16": (4, 224)}
 
@@ -64,7 +66,7 @@ def run_autoperm(a, b, x, max_iter):
     stamps = []
     t1 = time.perf_counter()
     perms, history = weight_module.weight_matching(
-        spec, sa, sb, max_iter=max_iter, progress=lambda it, obj: stamps.append((time.perf_counter() - t1, obj, it)))
+        spec, sa, sb, max_iter=max_iter, starts=STARTS, progress=lambda it, obj: stamps.append((time.perf_counter() - t1, obj, it)))
     t_match = time.perf_counter() - t1
     prof = dict(weight_module.last_profile)
     obj = objective(sa, permute_state_dict(sb, spec, perms))
@@ -232,10 +234,14 @@ def main():
     ap.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-iter", type=int, default=100)
+    ap.add_argument("--starts", type=int, default=2, choices=(1, 2),
+                    help="weight matching starts (2, the default: identity + greedy; 1: identity only, faster)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-activation", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
+    global STARTS
+    STARTS = args.starts
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -143,3 +143,18 @@ def test_non_finite_weights_are_rejected():
         b[0].weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="model_b has non-finite values in '0.weight'"):
         autoperm.merge(a, b)
+
+
+def test_weight_matching_starts_option():
+    """starts=2 (default) keeps the better of two starts, so it never scores below starts=1."""
+    from autoperm.match.weight import weight_matching
+
+    factory, _ = ZOO["vgg"]
+    torch.manual_seed(11)
+    a, b = factory(), factory()
+    spec = planted("vgg")[1]
+    _, h1 = weight_matching(spec, a.state_dict(), b.state_dict(), starts=1)
+    _, h2 = weight_matching(spec, a.state_dict(), b.state_dict(), starts=2)
+    assert max(h2) >= max(h1) - 1e-9 and max(h1) > 0
+    with pytest.raises(ValueError, match="starts=3"):
+        weight_matching(spec, a.state_dict(), b.state_dict(), starts=3)
