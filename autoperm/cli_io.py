@@ -1,0 +1,161 @@
+"""What the ``autoperm`` command line reads and writes: exit codes, `CLIError`, MODEL strings,
+checkpoints (``torch.load(weights_only=True)`` or safetensors), ``--data`` files, and the
+atomically written merged state_dict. Used by `autoperm.cli`.
+
+Example::
+
+    state = _load_state("a.pt", "A")          # CLIError(EXIT_FILE) if missing or unreadable
+    _check_fits(state, model, "A", "a.pt")    # CLIError(EXIT_MISMATCH) naming the tensor
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CLIError", "EXIT_CODES"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_FILE, EXIT_MODEL = 0, 1, 2, 3, 4
+EXIT_MISMATCH, EXIT_TRACE, EXIT_OUTPUT, EXIT_DEPENDENCY, EXIT_INTERRUPTED = 5, 6, 7, 8, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "unexpected internal error (rerun with -v for the traceback and report it)",
+    EXIT_USAGE: "bad command line: unknown option, malformed value, missing --data for a method that needs it",
+    EXIT_FILE: "an input file (checkpoint, data, model file) is missing or cannot be read",
+    EXIT_MODEL: "MODEL is not a valid model string, or the model could not be built",
+    EXIT_MISMATCH: "a checkpoint does not fit the model (missing, unexpected or differently shaped tensor)",
+    EXIT_TRACE: "the model could not be traced or its spec failed the check (bad --input-shape, "
+                "data-dependent control flow, unsound rule)",
+    EXIT_OUTPUT: "the output cannot be written (it would overwrite an input, or the folder is not writable)",
+    EXIT_DEPENDENCY: "an optional dependency is missing (torchvision, timm, matplotlib / graphviz, safetensors)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+
+class CLIError(Exception):
+    """A user-facing failure: one line of ``message`` and an exit ``code`` from `EXIT_CODES`."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _load_model(name: str, input_shape: tuple[int, ...] | None):
+    """(model, example inputs, description) for a MODEL string."""
+    import torch
+
+    from . import zoo
+
+    kind, sep, rest = name.partition(":")
+    is_file = ".py:" in name or name.endswith(".py")
+    if not is_file and (not sep or kind not in ("torchvision", "timm") or not rest):
+        raise CLIError(f"MODEL {name!r} is not a model string: write torchvision:NAME, timm:NAME or "
+                       "path/to/file.py:factory", EXIT_MODEL)
+    if is_file:
+        path, _, factory = name.rpartition(":") if ".py:" in name else (name, "", "")
+        if not factory:
+            raise CLIError(f"MODEL {name!r} names no factory: write {name}:FACTORY (a function returning the model)",
+                           EXIT_MODEL)
+        if not Path(path).is_file():
+            raise CLIError(f"model file {path!r} not found (MODEL {name!r})", EXIT_FILE)
+    image = input_shape[-1] if input_shape and len(input_shape) == 4 and input_shape[-1] == input_shape[-2] else None
+    try:
+        model, inputs = zoo.load(name, image_size=image if not is_file else None)
+    except ImportError:
+        raise
+    except Exception as e:  # unknown model names, factories that raise or lack
+        raise CLIError(f"cannot build MODEL {name!r}: {type(e).__name__}: {e}", EXIT_MODEL) from e
+    if not isinstance(model, torch.nn.Module):
+        raise CLIError(f"MODEL {name!r} returned {type(model).__name__}, not a torch.nn.Module", EXIT_MODEL)
+    if input_shape:
+        inputs = (torch.randn(*input_shape),)
+    elif is_file:
+        from .merging import infer_example_inputs
+
+        try:
+            inputs = infer_example_inputs(model)
+        except ValueError as e:
+            raise CLIError(f"{e}; pass --input-shape", EXIT_USAGE) from e
+    return model, inputs
+
+
+def _load_state(path: str, what: str) -> dict:
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"{what} checkpoint {path!r} not found", EXIT_FILE)
+    try:
+        if p.suffix == ".safetensors":
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise CLIError(f"{path!r} is a .safetensors file: pip install safetensors", EXIT_DEPENDENCY) from None
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except CLIError:
+        raise
+    except Exception as e:
+        raise CLIError(f"cannot read {what} checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}",
+                       EXIT_FILE) from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"{what} checkpoint {path!r} is not a state_dict (a dict of tensor names to tensors); "
+                       "save one with torch.save(model.state_dict(), path)", EXIT_FILE)
+    return state
+
+
+def _check_fits(state: dict, model, what: str, path: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    if missing:
+        raise CLIError(f"{what} checkpoint {path!r} lacks tensor {missing[0]!r} of the model"
+                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), EXIT_MISMATCH)
+    if extra:
+        raise CLIError(f"{what} checkpoint {path!r} has tensor {extra[0]!r}, which the model lacks"
+                       + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), EXIT_MISMATCH)
+    for k, t in expected.items():
+        if tuple(state[k].shape) != tuple(t.shape):
+            raise CLIError(f"tensor {k!r} has shape {list(state[k].shape)} in {what} checkpoint {path!r} but "
+                           f"{list(t.shape)} in the model; is --model the right architecture?", EXIT_MISMATCH)
+
+
+def _load_data(path: str, batch_size: int) -> tuple[list, Any]:
+    """Batches from a .pt file holding a tensor or an (inputs, targets) pair, and the targets."""
+    import torch
+
+    if not Path(path).is_file():
+        raise CLIError(f"data file {path!r} not found", EXIT_FILE)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CLIError(f"cannot read data file {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}",
+                       EXIT_FILE) from e
+    if isinstance(obj, torch.Tensor):
+        return list(obj.split(batch_size)), None
+    if (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)
+            and len(obj[0]) == len(obj[1])):
+        x, y = obj
+        return list(zip(x.split(batch_size), y.split(batch_size))), y
+    raise CLIError(f"data file {path!r} must hold a tensor of inputs or an (inputs, targets) tuple of tensors "
+                   f"of equal length; got {type(obj).__name__}", EXIT_FILE)
+
+
+def _write_state(state: dict, out: Path) -> None:
+    import torch
+
+    from .viz_render import write_atomic
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    if out.suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise CLIError("--out ends with .safetensors: pip install safetensors (or use .pt)", EXIT_DEPENDENCY) from None
+        state = {k: v.clone() for k, v in state.items()}  # safetensors refuses shared storage
+        write_atomic(out, lambda tmp: save_file(state, tmp))
+    else:
+        write_atomic(out, lambda tmp: torch.save(state, tmp))
