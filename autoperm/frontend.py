@@ -46,8 +46,9 @@ class TracedGraph:
     frontend: str = "torch.export"
     dynamic_batch: bool = True
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # keyless placeholder -> value
-    # keyless placeholders that are registered non-persistent buffers (not lifted tensor attributes,
-    # which may be caches derived from parameters, e.g. timm LeViT's attention-bias cache)
+    # keyless placeholders that are registered non-persistent buffers the forward never writes to (not
+    # lifted tensor attributes, which may be caches derived from parameters, e.g. timm LeViT's
+    # attention-bias cache)
     buffers: frozenset[str] = frozenset()
 
     @property
@@ -209,7 +210,9 @@ def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:
         names = [first, *rest]
         canon = next((n for n in names if n in used), first)
         tied[canon] = [n for n in names if n != canon]
+    # a buffer the forward writes to is constant at capture time only: a later call may see any value
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
     buffers = frozenset(s.arg.name for s in ep.graph_signature.input_specs
-                        if s.kind == InputKind.BUFFER and s.arg.name in keyless)
+                        if s.kind == InputKind.BUFFER and s.arg.name in keyless and s.target not in mutated)
     return TracedGraph(ep.graph_module, state_keys, keyless, user_inputs, shapes, tied,
                        "torch.export", dynamic, constants, buffers)

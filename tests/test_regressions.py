@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -185,3 +186,32 @@ def test_lifted_constant_that_caches_a_parameter_stays_frozen():
     """A lifted tensor (not a buffer) that happens to be constant is not a structural constant."""
     spec = assert_sound(CachedBias(), torch.randn(3, 4))
     assert not any(ax.tensor == "fc1.weight" and ax.dim == 0 for g in spec.groups for ax in g.axes)
+
+
+class WarmupBuffer(nn.Module):
+    """A non-persistent buffer that is all zeros at capture but written by the forward later on."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.g = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(4, 8)
+        self.register_buffer("buf", torch.zeros(8), persistent=False)
+        self.register_buffer("step", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)) + self.buf
+        self.step.add_(1)
+        self.buf.copy_(torch.where(self.step > 2, self.g(x).mean(0), 0.0))
+        return self.fc2(h)
+
+
+def test_buffer_written_in_forward_is_not_treated_as_constant():
+    """A buffer constant only at capture time let fc1's units be permuted; from the 4th call on the
+    permuted model added the (unpermuted) buffer to permuted units."""
+    model, x = WarmupBuffer().eval(), torch.randn(3, 4)
+    spec = autoperm.trace(model, x)
+    assert not any(ax.tensor == "fc1.weight" for g in spec.groups for ax in g.axes)
+    m64 = autoperm.perturbed(model, 0)
+    perms = autoperm.random_permutation(spec, 0, derangement=True)
+    a, b = copy.deepcopy(m64), autoperm.permute(copy.deepcopy(m64), spec, perms)
+    for _ in range(5):
+        assert torch.allclose(a(x.double()), b(x.double()))
