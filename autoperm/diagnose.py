@@ -38,14 +38,13 @@ from ._progress import progress
 from ._stats import run_graph
 from .frontend import TracedGraph, capture, normalize_inputs
 from .merge.bias import count_layers
-from .merge.repair import Layer, channel_moments, find_layers, repair_state
+from .merge.repair import _BN, Layer, _packet, channel_moments, find_layers, repair_state
 
 __all__ = ["diagnose", "Diagnosis", "DiagnosisRow", "repair", "REPAIR_MODES"]
 
 log = logging.getLogger(__name__)
 REPAIR_MODES = ("repair", "rescale", "reset")
 _CHANNEL_DIM = {"linear": -1}  # conv*: 1
-_BN = {"_native_batch_norm_legit_no_training", "batch_norm"}
 
 
 class DiagnosisRow(NamedTuple):
@@ -153,11 +152,6 @@ def _prepare(model: nn.Module, name: str, data: Any,
     n_inputs = 1 if example_inputs is None else len(normalize_inputs(example_inputs))
     inputs = normalize_inputs(example_inputs) if example_inputs is not None else first_inputs(data, n_inputs)
     return data, inputs, n_inputs
-
-
-def _packet(node: torch.fx.Node) -> str:
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def _measured(tg: TracedGraph, node_name: str) -> tuple[str, int]:

@@ -78,15 +78,16 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
 def _iterate(first, models, states, spec, perms, opts, max_rounds):
     """Re-align each model to the average of the others until nothing changes; then express every
     permutation in the first model's frame."""
+    aligned = [permute_state_dict(s, spec, p) for s, p in zip(states, perms)]
+    target = copy_module(first)
     for rnd in range(max_rounds):
         changed = 0
         for i, model in enumerate(models):
-            others = [permute_state_dict(states[j], spec, perms[j]) for j in range(len(models)) if j != i]
-            target = copy_module(first)
-            target.load_state_dict(average_states(others))
+            target.load_state_dict(average_states([s for j, s in enumerate(aligned) if j != i]))
             new = match(target, model, spec, **opts).perms
             if any(not torch.equal(new[g], perms[i][g]) for g in new):
                 perms[i] = new
+                aligned[i] = permute_state_dict(states[i], spec, new)
                 changed += 1
         log.info("merge_many round %d: %d of %d models re-aligned", rnd + 1, changed, len(models))
         if not changed:

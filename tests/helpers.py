@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import autoperm
 from autoperm.spec import Axis, PermGroup, PermutationSpec
@@ -28,3 +30,22 @@ def float64_inputs(inputs):
 
 def state_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def trained_mlps(seeds):
+    """Small MLPs (8 -> 16 -> 16 -> 4) trained, one per seed, on one synthetic 4-class problem;
+    returns the models (eval mode) and the inputs and labels ``x``, ``y``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=g)
+    y = torch.tanh(x @ torch.randn(8, 4, generator=g)).argmax(1)
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        opt = torch.optim.Adam(m.parameters(), 1e-2)
+        for _ in range(100):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        models.append(m.eval())
+    return models, x, y

@@ -11,7 +11,7 @@ from torch import nn
 
 import autoperm
 from autoperm.match.sinkhorn import sinkhorn, soft_permute_state
-from helpers import state_snapshot
+from helpers import state_snapshot, trained_mlps
 from zoo import ZOO
 
 _SPECS = {}
@@ -85,19 +85,7 @@ _TRAINED = {}
 def trained_pair():
     """Two small MLPs trained from different seeds on a synthetic 4-class problem."""
     if not _TRAINED:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(256, 8, generator=g)
-        y = torch.tanh(x @ torch.randn(8, 4, generator=g)).argmax(1)
-        models = []
-        for seed in (1, 2):
-            torch.manual_seed(seed)
-            m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-            opt = torch.optim.Adam(m.parameters(), 1e-2)
-            for _ in range(100):
-                opt.zero_grad()
-                F.cross_entropy(m(x), y).backward()
-                opt.step()
-            models.append(m.eval())
+        models, x, y = trained_mlps((1, 2))
         data = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
         spec = autoperm.trace(models[0], x[:4], verify=False)
         _TRAINED.update(a=models[0], b=models[1], x=x, y=y, data=data, spec=spec)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import autoperm
-from helpers import state_snapshot
+from helpers import state_snapshot, trained_mlps
 from zoo import ZOO
 
 
@@ -67,25 +66,8 @@ def test_reference_first_is_the_explicit_average():
     assert all(torch.allclose(sm[k], (sa[k] + sb[k] + sc[k]) / 3, atol=1e-14) for k in sm)
 
 
-def _trained_mlps(n=3):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 8, generator=g)
-    y = torch.tanh(x @ torch.randn(8, 4, generator=g)).argmax(1)
-    models = []
-    for seed in range(n):
-        torch.manual_seed(seed)
-        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-        opt = torch.optim.Adam(m.parameters(), 1e-2)
-        for _ in range(100):
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-        models.append(m.eval())
-    return models, x, y
-
-
 def test_alignment_beats_naive_averaging_and_normalizations_run():
-    models, x, y = _trained_mlps()
+    models, x, y = trained_mlps(range(3))
     spec = autoperm.trace(models[0], x[:4], verify=False)
 
     def loss(m):

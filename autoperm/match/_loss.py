@@ -1,7 +1,8 @@
 """The midpoint model's loss on data, differentiable in model B's (soft-)permuted weights.
 
 Shared by the Sinkhorn matcher's loss objective (`autoperm.match.sinkhorn`) and the
-straight-through estimator (`autoperm.match.ste`). The midpoint model is evaluated with
+straight-through estimator (`autoperm.match.ste`), with the Adam loop both run (`descend`). The
+midpoint model is evaluated with
 ``torch.func.functional_call`` on a private copy of model A in eval mode (BatchNorm uses the
 interpolated running statistics, dropout is off), so the caller's models are never touched and
 no buffer is updated. Batches are used in order, cyclically: step ``s`` uses batch ``s mod n``.
@@ -9,6 +10,7 @@ no buffer is updated. Batches are used in order, cyclically: step ``s`` uses bat
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -17,8 +19,39 @@ from torch.func import functional_call
 
 from .._copy import copy_module
 from .._data import batch_inputs, batch_target
+from .._progress import progress
+from ..spec import PermutationSpec
 
-__all__ = ["MidpointLoss", "check_loss_fn", "check_targets"]
+__all__ = ["MidpointLoss", "check_loss_fn", "check_targets", "check_budget", "touched_float_keys", "descend"]
+
+
+def check_budget(steps: Any, lr: Any) -> None:
+    """Raise naming ``steps`` or ``lr`` when it is not a non-negative integer / positive number."""
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r}: pass a non-negative integer step budget")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr={lr!r}: pass a positive learning rate")
+
+
+def touched_float_keys(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The float tensors of ``state`` that some group of ``spec`` acts on, sorted."""
+    return sorted({ax.tensor for g in spec.groups for ax in g.axes if state[ax.tensor].is_floating_point()})
+
+
+def descend(params: list[torch.Tensor], value_at: Callable[[int], torch.Tensor], *, steps: int, lr: float,
+            log: logging.Logger, desc: str, what: str) -> list[float]:
+    """``steps`` Adam steps on ``params`` minimizing ``value_at(step)``; the value per step, each
+    logged to ``log`` as ``"<desc> step i/steps: <what> value"``."""
+    opt = torch.optim.Adam(params, lr=float(lr))
+    history: list[float] = []
+    for step in progress(range(steps), desc=desc, total=steps):
+        value = value_at(step)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        history.append(float(value.detach()))
+        log.info("%s step %d/%d: %s %.6g", desc, step + 1, steps, what, history[-1])
+    return history
 
 
 def check_loss_fn(method: str, loss_fn: Any) -> None:

@@ -36,9 +36,9 @@ from typing import Mapping
 
 import torch
 
-from .._progress import progress
 from ..permute import permute_state_dict
 from ..spec import Axis, PermutationSpec
+from ._loss import check_budget, descend, touched_float_keys
 from .weight import solve_assignment
 
 __all__ = ["sinkhorn", "soft_apply_axis", "soft_permute_state", "sinkhorn_matching"]
@@ -91,10 +91,6 @@ def soft_permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
     return out
 
 
-def _touched(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> list[str]:
-    return sorted({ax.tensor for g in spec.groups for ax in g.axes if state[ax.tensor].is_floating_point()})
-
-
 def sinkhorn_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
                       state_b: Mapping[str, torch.Tensor], *, objective=None, steps: int = 300,
                       lr: float = 0.1, seed: int = 0, iters: int = 20,
@@ -108,10 +104,7 @@ def sinkhorn_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor]
     """
     if any(g.parent is not None for g in spec.groups):
         raise NotImplementedError("method='sinkhorn' does not support hierarchical groups yet")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps={steps!r}: pass a non-negative integer step budget")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr={lr!r}: pass a positive learning rate")
+    check_budget(steps, lr)
     gen = torch.Generator().manual_seed(int(seed))
     ref = next(iter(state_a.values()))
     dtype = ref.dtype if ref.is_floating_point() else torch.float32
@@ -121,27 +114,23 @@ def sinkhorn_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor]
         if init is not None:
             start = start + 5.0 * torch.eye(g.size, dtype=torch.float64)[init[g.name].cpu()]
         logits[g.name] = start.to(dtype=dtype, device=ref.device).requires_grad_(True)
-    keys = _touched(spec, state_b)
+    keys = touched_float_keys(spec, state_b)
     a = {k: v.detach() for k, v in state_a.items()}
     b = {k: v.detach() for k, v in state_b.items()}
     scale = sum(float(a[k].double().pow(2).sum() + b[k].double().pow(2).sum()) for k in keys) or 1.0
-    opt = torch.optim.Adam(list(logits.values()), lr=float(lr))
-    history: list[float] = []
-    for step in progress(range(steps), desc="sinkhorn", total=steps):
-        soft = {name: sinkhorn(lg, iters) for name, lg in logits.items()}
-        moved = soft_permute_state(b, spec, soft)
+
+    def value_at(step):
+        moved = soft_permute_state(b, spec, {name: sinkhorn(lg, iters) for name, lg in logits.items()})
         if objective is None:
-            value = sum((a[k] - moved[k]).pow(2).sum() for k in keys) / scale
-        else:
-            value = objective(moved, step)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        history.append(float(value.detach()))
-        log.info("sinkhorn step %d/%d: objective %.6g", step + 1, steps, history[-1])
+            return sum((a[k] - moved[k]).pow(2).sum() for k in keys) / scale
+        return objective(moved, step)
+
+    history = descend(list(logits.values()), value_at, steps=steps, lr=lr, log=log, desc="sinkhorn",
+                      what="objective")
     with torch.no_grad():
         perms = {name: solve_assignment(sinkhorn(lg, iters)) for name, lg in logits.items()}
-    if objective is None:  # the objective of the hardened answer, comparable with the soft ones
+    if objective is None and log.isEnabledFor(logging.INFO):
+        # the objective of the hardened answer, comparable with the soft ones (for the log only)
         hard = permute_state_dict(b, spec, perms)
         final = float(sum((a[k] - hard[k]).double().pow(2).sum() for k in keys)) / scale
         log.info("sinkhorn: hardened objective %.6g", final)

@@ -28,9 +28,9 @@ from typing import Mapping
 
 import torch
 
-from .._progress import progress
 from ..permute import permute_state_dict
 from ..spec import PermutationSpec
+from ._loss import check_budget, descend, touched_float_keys
 from .weight import weight_matching
 
 __all__ = ["ste_matching"]
@@ -46,33 +46,26 @@ def ste_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], sta
     ``objective(aligned_b, step) -> scalar`` is the midpoint loss
     (`autoperm.match._loss.MidpointLoss`). Returns the permutations and the loss per step.
     """
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps={steps!r}: pass a non-negative integer step budget")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr={lr!r}: pass a positive learning rate")
+    check_budget(steps, lr)
     a = {k: v.detach() for k, v in state_a.items()}
     b = {k: v.detach() for k, v in state_b.items()}
-    keys = sorted({ax.tensor for g in spec.groups for ax in g.axes if b[ax.tensor].is_floating_point()})
-    learned = {k: a[k].clone().requires_grad_(True) for k in keys}
-    opt = torch.optim.Adam(list(learned.values()), lr=float(lr))
+    learned = {k: a[k].clone().requires_grad_(True) for k in touched_float_keys(spec, b)}
     perms = None
-    history: list[float] = []
 
     def project(init):
         target = dict(a)
         target.update({k: w.detach() for k, w in learned.items()})
         return weight_matching(spec, target, b, seed=seed, max_iter=max_iter, init=init)[0]
 
-    for step in progress(range(steps), desc="ste", total=steps):
+    def value_at(step):
+        nonlocal perms
         perms = project(perms)
         hard = permute_state_dict(b, spec, perms)
         through = dict(hard)
         for k, w in learned.items():
             through[k] = w + (hard[k] - w).detach()
-        loss = objective(through, step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
-        log.info("ste step %d/%d: midpoint loss %.6g", step + 1, steps, history[-1])
+        return objective(through, step)
+
+    history = descend(list(learned.values()), value_at, steps=steps, lr=lr, log=log, desc="ste",
+                      what="midpoint loss")
     return project(perms), history

@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..frontend import TracedGraph
+from .repair import _packet
 
 __all__ = ["CountedLayer", "count_layers", "calibrate_biases", "remove_biases"]
 
@@ -50,11 +51,6 @@ class CountedLayer:
     weight: str
     bias: str | None
     depth: int
-
-
-def _packet(node) -> str:
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def count_layers(tg: TracedGraph) -> list[CountedLayer]:
@@ -88,6 +84,7 @@ def calibrate_biases(state: Mapping[str, torch.Tensor], sources: Sequence[Mappin
     ``sources`` are the aligned state dicts that were interpolated with ``weights`` into ``state``.
     """
     out = dict(state)
+    scaled = 0
     for key, depths in _bias_depths(layers).items():
         if len(depths) > 1:
             log.info("bias %s is used at depths %s: bias calibration left it interpolated", key, sorted(depths))
@@ -95,7 +92,8 @@ def calibrate_biases(state: Mapping[str, torch.Tensor], sources: Sequence[Mappin
         (l,) = depths
         acc = sum(float(w) ** l * s[key].double() for w, s in zip(weights, sources))
         out[key] = acc.to(state[key].dtype)
-    log.info("bias calibration: %d biases scaled by depth", sum(len(d) == 1 for d in _bias_depths(layers).values()))
+        scaled += 1
+    log.info("bias calibration: %d biases scaled by depth", scaled)
     return out
 
 
