@@ -32,6 +32,7 @@ from .errors import AnalysisError, UnsupportedOpError
 from .frontend import TracedGraph, node_origin
 from .ir import AtomTable
 from .rules.base import RuleContext, op_name, rule_for, sizes_of
+from .rules.base import packet_name as _packet_name
 from .spec import Axis, Frozen, PermGroup, PermutationSpec
 
 __all__ = ["analyze", "analyze_with_sites", "Site", "IGNORED_OPS", "PRODUCERS"]
@@ -85,11 +86,6 @@ def _node_tensors(node: torch.fx.Node, values: dict) -> list[int]:
     for a in node.all_input_nodes:
         out += _flat(values.get(a))
     return out
-
-
-def _packet_name(target: Any) -> str:
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Counter) -> None:

@@ -27,6 +27,7 @@ from .._data import batch_inputs
 from .._progress import progress
 from .._stats import run_graph
 from ..frontend import TracedGraph
+from ..rules.base import packet_name as _packet
 
 __all__ = ["Layer", "find_layers", "channel_moments", "repair_state"]
 
@@ -47,11 +48,6 @@ class Layer:
     bias: str | None = None
     running_mean: str | None = None
     running_var: str | None = None
-
-
-def _packet(node) -> str:
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def find_layers(tg: TracedGraph, grouped: set[str]) -> list[Layer]:

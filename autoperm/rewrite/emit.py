@@ -50,6 +50,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ..errors import AutopermError
 from ..frontend import TracedGraph
+from ..rules.base import packet_name as _packet
 
 __all__ = ["EmitError", "emit", "graph_from_traced", "buffer_keys", "check_module", "param_count",
            "flop_count", "original_state_dict", "output_spec"]
@@ -63,11 +64,6 @@ _RESERVED = set(dir(torch.fx.GraphModule)) | {"graph", "code", "autoperm_keys", 
 
 class EmitError(AutopermError, ValueError):
     """The graph or tensors handed to `emit` cannot make a working module."""
-
-
-def _packet(node: torch.fx.Node) -> str:
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def _part(name: str) -> str:

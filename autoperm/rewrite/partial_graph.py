@@ -25,6 +25,7 @@ from ..frontend import TracedGraph, node_origin
 from ..rules.base import rule_for
 from ..spec import PermutationSpec
 from .partial_widen import Extension, Layout, WidenError, widen_dim
+from ..rules.base import packet_name as _packet
 
 __all__ = ["param_layouts", "node_layouts", "contraction_dims", "locality", "patch_sizes", "check_shapes"]
 
@@ -37,11 +38,6 @@ _NORMS = {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"}
 _REDUCE = {"sum", "mean", "amax", "amin", "var", "std", "logsumexp", "prod", "nansum", "linalg_vector_norm",
            "norm", "var_mean", "std_mean", "max", "min", "argmax", "argmin"}
 _SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
-
-
-def _packet(node: Any) -> str:
-    packet = getattr(getattr(node, "target", None), "overloadpacket", None)
-    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def _shape(node: torch.fx.Node) -> tuple | None:

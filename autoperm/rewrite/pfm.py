@@ -43,6 +43,7 @@ from torch import nn
 from .._data import batch_inputs
 from ..frontend import TracedGraph
 from .emit import buffer_keys, emit, output_spec
+from ..rules.base import packet_name as _packet
 
 __all__ = ["dense_nodes", "shortcut_projections", "counted_layers", "preserved_nodes", "build_pfm",
            "reference_pfm", "reset_merged_batchnorm"]
@@ -53,11 +54,6 @@ _DENSE = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose
           "conv_transpose3d"}
 _BN = "_native_batch_norm_legit_no_training"
 CONTEXTS = ("model_a", "model_b", "merged")
-
-
-def _packet(node: torch.fx.Node) -> str:
-    packet = getattr(node.target, "overloadpacket", None)
-    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def _inputs_of(node: torch.fx.Node) -> list[torch.fx.Node]:

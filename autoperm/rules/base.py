@@ -23,7 +23,7 @@ import torch
 
 from ..ir import AtomTable, Compose, Constraint, Freeze, Tie
 
-__all__ = ["Rule", "RuleEntry", "RULES", "RuleContext", "register_rule", "rule_for", "aten_ops"]
+__all__ = ["Rule", "RuleEntry", "RULES", "RuleContext", "register_rule", "rule_for", "aten_ops", "packet_name"]
 
 Rule = Callable[["RuleContext"], Iterable[Constraint]]
 
@@ -79,6 +79,14 @@ def rule_for(target: Any) -> RuleEntry | None:
     if entry is None and hasattr(target, "overloadpacket"):
         entry = RULES.get(target.overloadpacket)
     return entry
+
+
+def packet_name(node_or_target: Any) -> str:
+    """The ATen overload packet's name of a node (or node target), e.g. ``"linear"``; ``""`` otherwise."""
+    target = getattr(node_or_target, "target", node_or_target) if isinstance(node_or_target, torch.fx.Node) \
+        else node_or_target
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", "") if packet is not None else ""
 
 
 def op_name(target: Any) -> str:
