@@ -19,6 +19,7 @@ from .metrics import Coverage, coverage
 from .permute import compose, identity_permutation, invert, permute, permute_state_dict, random_permutation
 from .rules import RULES, RuleContext, register_rule
 from .rewrite import insert_perm_layers
+from .rewrite.partial import Partial
 from .spec import Axis, Frozen, PermGroup, PermutationSpec
 from .verify import check_equivalence, perturbed, verify_spec
 
@@ -29,5 +30,5 @@ __all__ = [
     "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",
     "check_equivalence", "coverage", "Coverage", "verify_spec", "perturbed", "AutopermError", "TraceError", "ExampleInputError",
     "UnsupportedOpError", "AnalysisError", "SpecError", "ShapeMismatchError", "PermutationError",
-    "UnsoundSpecError", "insert_perm_layers", "diagnose", "Diagnosis", "repair", "__version__",
+    "UnsoundSpecError", "insert_perm_layers", "Partial", "diagnose", "Diagnosis", "repair", "__version__",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from .spec import PermutationSpec
 from .verify import verify_spec
 
 __all__ = ["match", "align", "merge", "infer_example_inputs"]
+
+if TYPE_CHECKING:
+    from .rewrite.partial import Partial
 
 log = logging.getLogger(__name__)
 NORMALIZATIONS = (None, "reset", "repair", "rescale", "bias_calibration", "bias_removal")
@@ -89,26 +92,32 @@ def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs,
 def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
           method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
           loss_fn: Callable | None = None, seed: int = 0, max_iter: int = 100, features: str = "pre",
-          steps: int | None = None, lr: float | None = None) -> Alignment:
+          steps: int | None = None, lr: float | None = None, starts: int | None = None,
+          tol: float | None = None) -> Alignment:
     """Find permutations of ``model_b``'s groups that line it up with ``model_a``.
 
     ``method``: ``"identity"``, ``"weight"``, ``"activation"`` (needs ``data``), ``"sinkhorn"``
     (weight distance, or with ``loss_fn`` the midpoint loss on ``data``) or ``"ste"`` (needs
     ``data`` with targets and ``loss_fn(outputs, target)``). ``steps`` and ``lr`` set the step
     budget and Adam learning rate of ``"sinkhorn"`` / ``"ste"`` (defaults in
-    `autoperm.match.DEFAULT_STEPS` / `DEFAULT_LR`). Returns an `Alignment` (``perms``, objective
-    ``history`` per pass or step, ``seconds``). Example::
+    `autoperm.match.DEFAULT_STEPS` / `DEFAULT_LR`). ``"weight"`` takes ``max_iter`` (passes per
+    descent), ``starts`` (2 by default; 1 runs only the descent from the identity, about twice as
+    fast) and ``tol`` (stop once a pass gains less than this share of the objective; default 0:
+    only when a pass changes nothing). Returns an `Alignment` (``perms``, objective ``history``
+    per pass or step, ``seconds``). Example::
 
         al = autoperm.match(model_a, model_b, method="weight")
         model_b_aligned = autoperm.permute(model_b, al.spec, al.perms)
         al = autoperm.match(model_a, model_b, method="ste", data=loader, loss_fn=F.cross_entropy)
+        al = autoperm.match(model_a, model_b, starts=1, max_iter=1)   # fast: one pass of one descent
     """
     check_compatible(model_a, model_b)
     data = _reiterable(data)
     n_inputs = 1 if example_inputs is None else len(normalize_inputs(example_inputs))
-    check_method_args(method, data, loss_fn, steps, lr, n_inputs)
+    check_method_args(method, data, loss_fn, steps, lr, n_inputs, starts, tol)
     ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features,
-                       loss_fn=loss_fn, steps=steps, lr=lr, model_a=model_a, n_inputs=n_inputs)
+                       loss_fn=loss_fn, steps=steps, lr=lr, model_a=model_a, n_inputs=n_inputs,
+                       starts=starts, tol=tol)
     if method in NEEDS_GRAPH or spec is None:
         ctx.spec, ctx.traced, ctx.sites = _compile_a(model_a, spec, example_inputs, data)
     else:
@@ -134,7 +143,7 @@ def align(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
 
 def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method: str = "weight",
           spec: PermutationSpec | None = None, data: Iterable | None = None, example_inputs: Any = None,
-          normalize: str | None = None, preserve_first: int = 0, partial: float | dict = 0.0,
+          normalize: str | None = None, preserve_first: int = 0, partial: float | dict | Partial = 0.0,
           loss_fn: Callable | None = None, seed: int = 0, alignment: Alignment | None = None,
           bias_layers: int | None = None, steps: int | None = None, lr: float | None = None) -> nn.Module:
     """A new model: ``(1 - alpha) * A + alpha * P(B)`` with ``P`` found by ``method``.
@@ -147,14 +156,18 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     ``(1 - alpha)^l b_A + alpha^l b_B``; ``"bias_removal"`` zeroes the biases of the last
     ``bias_layers`` counted layers (all with ``None``); both need no data (`autoperm.merge.bias`).
     With ``normalize=None`` BatchNorm statistics are interpolated (a hint is logged).
-    ``loss_fn``, ``steps`` and ``lr`` go to `match` (methods ``"sinkhorn"`` / ``"ste"``).
+    ``loss_fn``, ``steps`` and ``lr`` go to `match` (methods ``"sinkhorn"`` / ``"ste"``); for
+    the other matching options (``max_iter``, ``starts``, ``tol``, ``features``) call `match`
+    and pass its result as ``alignment``.
     Dims the spec froze are interpolated without alignment. ``alignment`` (from `match`) skips
     the matching, e.g. to merge at several alphas.
     ``preserve_first=l`` (Preserve-First Merging, `autoperm.rewrite.pfm`) keeps the first ``l``
     counted layers of both models as two branches and merges the rest; ``partial=gamma`` (a
     number or ``{group: gamma}``, `autoperm.rewrite.partial`) keeps ``ceil(gamma * n)`` units of
-    each group unmerged. Both return a new emitted module (a ``torch.fx.GraphModule``) rather than
-    one of model_a's class; ``preserve_first=0`` / ``partial=0`` give the plain merge. Example::
+    each group unmerged (forced assignment; ``partial=autoperm.Partial(gamma, assignment=
+    "adaptive", threshold=eps)`` for the adaptive one). Both return a new emitted module (a
+    ``torch.fx.GraphModule``) rather than one of model_a's class; ``preserve_first=0`` /
+    ``partial=0`` give the plain merge. Example::
 
         merged = autoperm.merge(model_a, model_b)                      # weight matching
         merged = autoperm.merge(model_a, model_b, normalize="reset", data=loader)
@@ -168,6 +181,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     data = _reiterable(data)
     if preserve_first and partial:
         raise ValueError("preserve_first > 0 together with partial > 0 is not supported (v1): pick one")
+    _check_partial(partial)
     al = alignment or match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs,
                             loss_fn=loss_fn, seed=seed, steps=steps, lr=lr)
     if preserve_first or partial:  # merges that change the architecture: autoperm.rewrite
@@ -178,6 +192,14 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
     return combine(model_a, [model_a.state_dict(), aligned_b], [1 - alpha, alpha], al, normalize=normalize,
                    data=data, example_inputs=example_inputs, bias_layers=bias_layers)
+
+
+def _check_partial(partial: Any) -> None:
+    from .rewrite.partial import Partial
+
+    if isinstance(partial, bool) or not isinstance(partial, (int, float, dict, Partial)):
+        raise ValueError(f"partial={partial!r}: pass a share of buffer units in [0, 1], a dict "
+                         "{group name: share}, or an autoperm.Partial(...) with the assignment options")
 
 
 def check_normalize(normalize: str | None, data: Any, bias_layers: int | None) -> None:

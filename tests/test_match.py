@@ -158,3 +158,76 @@ def test_weight_matching_starts_option():
     assert max(h2) >= max(h1) - 1e-9 and max(h1) > 0
     with pytest.raises(ValueError, match="starts=3"):
         weight_matching(spec, a.state_dict(), b.state_dict(), starts=3)
+
+
+def test_weight_matching_gains_read_off_the_cost_match_exact_gains(monkeypatch):
+    """Large gains are read off the cost matrices instead of a pass over the moved slots; the
+    descent must take exactly the steps it takes with every gain computed exactly, and its
+    final objective must be the exact ``<A, P(B)>``."""
+    from autoperm.match import weight as weight_module
+    from autoperm.permute import permute_state_dict
+
+    factory, _ = ZOO["resnet20"]
+    torch.manual_seed(5)
+    a, b = factory(), factory()
+    spec = planted("resnet20")[1]
+    sa, sb = a.state_dict(), b.state_dict()
+    fast, h_fast = weight_module.weight_matching(spec, sa, sb, starts=1)
+    assert weight_module.last_profile.get("trusted", 0) > 0
+    monkeypatch.setattr(weight_module, "_TRUST", float("inf"))  # every gain computed exactly
+    exact, h_exact = weight_module.weight_matching(spec, sa, sb, starts=1)
+    assert all(torch.equal(fast[k], exact[k]) for k in exact)
+    assert len(h_fast) == len(h_exact) > 1
+    pb = permute_state_dict(sb, spec, fast)
+    tensors = {ax.tensor for g in spec.groups for ax in g.axes}
+    value = sum(float(torch.dot(sa[t].reshape(-1).double(), pb[t].reshape(-1).double())) for t in tensors)
+    assert h_fast[-1] == pytest.approx(value, rel=1e-12)
+    assert not any(torch.equal(fast[g.name], torch.arange(g.size)) for g in spec.groups if g.size > 4)
+
+
+def test_weight_matching_tol_and_max_iter_stop_early():
+    factory, _ = ZOO["resnet20"]
+    torch.manual_seed(6)
+    a, b = factory(), factory()
+    spec = planted("resnet20")[1]
+    full = autoperm.match(a, b, spec, starts=1)
+    one = autoperm.match(a, b, spec, starts=1, max_iter=1)
+    loose = autoperm.match(a, b, spec, starts=1, tol=0.5)
+    assert len(one.history) == 1 and len(loose.history) == 2 < len(full.history)
+    assert one.history[0] <= loose.history[-1] <= full.history[-1]
+    start = autoperm.match(a, b, spec, method="identity")
+    assert start.history == [] and one.history[0] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(method="identity", tol=0.1), "tol= is used only by method='weight'"),
+    (dict(method="identity", starts=1), "starts= is used only by method='weight'"),
+    (dict(starts=3), "starts=3: pass 1"),
+    (dict(tol=1.5), r"tol=1.5: pass a number in \[0, 1\)"),
+    (dict(max_iter=0), "max_iter=0: pass a positive number"),
+])
+def test_weight_matching_options_are_checked(kwargs, message):
+    a = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    b = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=message):
+        autoperm.match(a, b, **kwargs)
+
+
+def test_weight_matching_picks_its_starts_by_size(monkeypatch):
+    """``starts=None`` runs the greedy second start on small models only (cost-matrix work up to
+    ``_AUTO_TWO_STARTS``); on larger ones one start, the fast option."""
+    from autoperm.match import weight as weight_module
+
+    factory, _ = ZOO["resnet20"]
+    torch.manual_seed(7)
+    a, b = factory(), factory()
+    spec = planted("resnet20")[1]
+    _, h_auto = weight_module.weight_matching(spec, a.state_dict(), b.state_dict())
+    assert weight_module.last_profile["starts"] == 2
+    _, h_two = weight_module.weight_matching(spec, a.state_dict(), b.state_dict(), starts=2)
+    assert h_auto == h_two
+    monkeypatch.setattr(weight_module, "_AUTO_TWO_STARTS", 0)
+    _, h_big = weight_module.weight_matching(spec, a.state_dict(), b.state_dict())
+    assert weight_module.last_profile["starts"] == 1
+    _, h_one = weight_module.weight_matching(spec, a.state_dict(), b.state_dict(), starts=1)
+    assert h_big == h_one

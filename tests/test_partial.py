@@ -260,3 +260,26 @@ def test_result_type():
     a, b, x, al, _ = _setup("glu")
     r = partial_widen(a, b, al, partial=0.25, example_inputs=x)
     assert isinstance(r, PartialResult) and r.added > 0
+
+
+def test_merge_takes_the_assignment_options_through_partial():
+    """``merge(partial=autoperm.Partial(...))`` reaches the adaptive assignment: with threshold -1
+    no pair is split (no unit added), with threshold 1 it equals `partial_merge` with the same
+    options."""
+    a, b, x, al, _ = _setup("mlp")
+    data = [torch.randn(16, 6, dtype=torch.float64) for _ in range(3)]
+    plain = autoperm.merge(a, b, alpha=ALPHA, alignment=al)
+    none_split = autoperm.merge(a, b, alpha=ALPHA, alignment=al, data=data,
+                                partial=autoperm.Partial(1.0, assignment="adaptive", threshold=-1.0))
+    all_split = autoperm.merge(a, b, alpha=ALPHA, alignment=al, data=data,
+                               partial=autoperm.Partial(0.5, assignment="adaptive", threshold=1.0))
+    direct = partial_merge(a, b, al, alpha=ALPHA, partial=0.5, assignment="adaptive", threshold=1.0, data=data)
+    def size(m):
+        return sum(p.numel() for p in m.parameters())
+
+    with torch.no_grad():
+        assert output_error(all_split(*x), direct(*x)) < 1e-10
+        assert output_error(all_split(*x), none_split(*x)) > 1e-3      # the split changes the model
+    assert size(none_split) == size(plain) < size(all_split)
+    with pytest.raises(ValueError, match="partial='wide'"):
+        autoperm.merge(a, b, alignment=al, partial="wide")

@@ -66,6 +66,8 @@ class MatchContext:
     lr: float | None = None           # learning rate of "sinkhorn" / "ste" (None: DEFAULT_LR)
     model_a: Any = None               # the caller's model_a (copied, never changed) for the loss
     n_inputs: int = 1                 # how many leading items of a batch are inputs
+    starts: int | None = None         # "weight": 1 or 2 descents (None: weight_matching's default)
+    tol: float | None = None          # "weight": stop when a pass gains less than this share (None: 0)
 
 
 def _identity(ctx: MatchContext):
@@ -73,7 +75,8 @@ def _identity(ctx: MatchContext):
 
 
 def _weight(ctx: MatchContext):
-    return weight_matching(ctx.spec, ctx.state_a, ctx.state_b, seed=ctx.seed, max_iter=ctx.max_iter)
+    extra = {k: v for k, v in (("starts", ctx.starts), ("tol", ctx.tol)) if v is not None}
+    return weight_matching(ctx.spec, ctx.state_a, ctx.state_b, seed=ctx.seed, max_iter=ctx.max_iter, **extra)
 
 
 def _activation(ctx: MatchContext):
@@ -116,11 +119,19 @@ _LOSS_METHODS = {"sinkhorn", "ste"}
 
 
 def check_method_args(method: str, data: Any, loss_fn: Any, steps: Any = None, lr: Any = None,
-                      n_inputs: int = 1) -> None:
+                      n_inputs: int = 1, starts: Any = None, tol: Any = None) -> None:
     """Raise a ValueError naming the parameter when ``method`` lacks what it needs (or gets an
     option it does not use). Cheap: run before any tracing."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not available; choose one of {sorted(METHODS)}")
+    for name, value in (("starts", starts), ("tol", tol)):
+        if value is not None and method != "weight":
+            raise ValueError(f"{name}= is used only by method='weight', not by method={method!r}: drop it")
+    if starts is not None and (isinstance(starts, bool) or starts not in (1, 2)):
+        raise ValueError(f"starts={starts!r}: pass 1 (one descent from the identity, the fast option) or 2")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1):
+        raise ValueError(f"tol={tol!r}: pass a number in [0, 1): weight matching stops once a pass gains "
+                         "less than this share of the objective (0: only when a pass changes nothing)")
     if method == "activation" and data is None:
         raise ValueError("method='activation' needs data=: an iterable of input batches")
     if method == "ste" and (data is None or loss_fn is None):
@@ -149,5 +160,5 @@ def check_method_args(method: str, data: Any, loss_fn: Any, steps: Any = None, l
 
 
 def run_matcher(method: str, ctx: MatchContext) -> tuple[dict[str, torch.Tensor], list[float]]:
-    check_method_args(method, ctx.data, ctx.loss_fn, ctx.steps, ctx.lr, ctx.n_inputs)
+    check_method_args(method, ctx.data, ctx.loss_fn, ctx.steps, ctx.lr, ctx.n_inputs, ctx.starts, ctx.tol)
     return METHODS[method](ctx)

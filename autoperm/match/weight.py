@@ -16,8 +16,10 @@ product over the moved slots only) instead of a product over whole tensors (a co
 updates since its last build would cost more than a rebuild is rebuilt instead, in one matrix
 product over all its axes); a group whose cost matrix did not change since it was last solved
 is not solved again; the objective is updated by
-the exact gain of each accepted assignment (``<A[S], B_new[S] - B_old[S]>`` in float64) instead of
-permuting the whole state dict per pass. Products run in the tensors' dtype (float32 models:
+the gain of each accepted assignment instead of permuting the whole state dict per pass: read off
+the cost matrix when it is large (above ``_TRUST`` of ``|A| |B|`` on the group's tensors, far
+above the rounding of float32 products), else computed exactly (``<A[S], B_new[S] - B_old[S]>``
+in float64, over the moved slots only) and the assignment kept only if that is positive. Products run in the tensors' dtype (float32 models:
 float32 products, float64 sums), on the tensors' device; only the assignment goes to the CPU.
 """
 
@@ -43,11 +45,14 @@ log = logging.getLogger(__name__)
 #: matrices and their incremental updates; ``assignment``: linear assignments; ``objective``: the
 #: exact objective at each start and the gain of each candidate assignment; ``setup``: copying and
 #: permuting B per start), with counters (``passes``, ``assignments``, ``skipped``: groups not
-#: re-solved because their cost did not change). For benchmarks; on CUDA, kernels are
-#: asynchronous, so time may be booked to the next step that waits for them.
+#: re-solved because their cost did not change, ``trusted``: gains read off a cost matrix). For
+#: benchmarks; on CUDA, kernels are asynchronous, so time may be booked to the next step that
+#: waits for them.
 last_profile: dict[str, float] = {}
 
 _CHUNK = 1 << 24  # elements of cost-matrix product per matrix multiplication (bounds the memory used)
+_AUTO_TWO_STARTS = 2e9  # cost-matrix multiply-adds up to which ``starts=None`` runs two starts
+_TRUST = 1e-3  # a gain read off a cost matrix above this share of |A||B| is accepted without an exact check
 
 
 def unit_matrix(t: torch.Tensor, axis: Axis, size: int) -> torch.Tensor:
@@ -114,18 +119,27 @@ class _Descent:
             self.perms = {g.name: perms[g.name].detach().cpu().long().clone() for g in spec.groups}
             self.dtype = {g.name: torch.float64 if any(self.a[ax.tensor].dtype == torch.float64 for ax in g.axes)
                           else torch.float32 for g in spec.groups}
+            moved = {g.name for g in spec.groups if not torch.equal(self.perms[g.name], torch.arange(g.size))}
             self.bp = {}
             for t, items in self.axes.items():
                 x = b[t].detach().to(self.a[t].dtype).clone()
                 for g, _, ax in items:
-                    x = apply_axis(x, ax, self.perms[g.name].to(self.device))
+                    if g.name in moved:
+                        x = apply_axis(x, ax, self.perms[g.name].to(self.device))
                 self.bp[t] = x
         self.cost: dict[str, torch.Tensor | None] = {g.name: None for g in spec.groups}
         self.clean: set[str] = set()
         # work (multiply-adds) of building a cost from scratch, and of the updates since the last build
-        self.work = {g.name: g.size * sum(self.a[ax.tensor].numel() * ax.extent(g.size) // self.a[ax.tensor].shape[ax.dim]
-                                          for ax in g.axes) for g in spec.groups}
+        self.work = cost_work(spec, self.a)
         self.spent = {g.name: 0 for g in spec.groups}
+        # groups acting on some tensor twice: their objective is not linear in their permutation
+        self.twice = {g.name for g in spec.groups if len({ax.tensor for ax in g.axes}) < len(g.axes)}
+        with _Timer(profile, "objective"):
+            sq = {t: (float(torch.linalg.vector_norm(self.a[t], dtype=torch.float64)),
+                      float(torch.linalg.vector_norm(self.bp[t], dtype=torch.float64))) for t in self.axes}
+        self.norms = sq
+        # |A_t| |B_t| summed over the group's tensors: bounds every cost-matrix sum of the group
+        self.scale = {g.name: sum(sq[t][0] * sq[t][1] for t in {ax.tensor for ax in g.axes}) for g in spec.groups}
         self.objective = self.exact_objective()
 
     def exact_objective(self) -> float:
@@ -157,8 +171,8 @@ class _Descent:
     def bound(self) -> float:
         """``|A| |B|`` over the spec's tensors: no permutation scores more (Cauchy-Schwarz)."""
         with _Timer(self.profile, "objective"):
-            na = sum(float(torch.dot(x.reshape(-1).double(), x.reshape(-1).double())) for x in self.a.values())
-            nb = sum(float(torch.dot(x.reshape(-1).double(), x.reshape(-1).double())) for x in self.bp.values())
+            na = sum(x * x for x, _ in self.norms.values())
+            nb = sum(y * y for _, y in self.norms.values())
         return (na * nb) ** 0.5
 
     def full_cost(self, g: PermGroup, unknown: frozenset[str] = frozenset()) -> torch.Tensor:
@@ -180,9 +194,10 @@ class _Descent:
             self.spent[g.name] = 0
         return self.cost[g.name]
 
-    def assign(self, g: PermGroup, new: torch.Tensor) -> float:
+    def assign(self, g: PermGroup, new: torch.Tensor, predicted: float | None = None) -> float:
         """Set group g's permutation to ``new``: move the changed slots of B in place, update the
-        cost matrices of the groups sharing those tensors, and return the exact objective gain."""
+        cost matrices of the groups sharing those tensors, and return the exact objective gain
+        (or ``predicted``, the gain read off the group's cost matrix, when the caller trusts it)."""
         gain = 0.0
         q = _inverse(self.perms[g.name])[new].to(self.device)  # B_new[i] = B_old[q[i]] on each axis
         moved = torch.nonzero(q != torch.arange(g.size, device=self.device)).flatten()
@@ -193,11 +208,14 @@ class _Descent:
         for k, ax in enumerate(g.axes):
             t, dim = ax.tensor, ax.dim
             idx = _slots(ax, g.size, moved)
-            with _Timer(self.profile, "objective"):
-                a_s = self.a[t].index_select(dim, idx)
-                new_s = self.bp[t].index_select(dim, _slots(ax, g.size, q[moved]))
-                old_s = self.bp[t].index_select(dim, idx)
-                gain += float(torch.dot(a_s.reshape(-1).double(), new_s.reshape(-1).double() - old_s.reshape(-1).double()))
+            new_s = self.bp[t].index_select(dim, _slots(ax, g.size, q[moved]))
+            old_s = self.bp[t].index_select(dim, idx)
+            a_s = None
+            if predicted is None:
+                with _Timer(self.profile, "objective"):
+                    a_s = self.a[t].index_select(dim, idx)
+                    gain += float(torch.dot(a_s.reshape(-1).double(),
+                                            new_s.reshape(-1).double() - old_s.reshape(-1).double()))
             with _Timer(self.profile, "cost"):
                 d = new_s - old_s
                 for h, kh, bx in self.axes[t]:
@@ -207,11 +225,13 @@ class _Descent:
                     if h is g:
                         self_touch = True  # the group acts twice on this tensor: its cost is not linear
                     elif self.cost[h.name] is not None:
-                        self.spent[h.name] += a_s.numel() * h.size
+                        self.spent[h.name] += d.numel() * h.size
                         if bx.dim == dim or self.spent[h.name] > self.work[h.name]:
                             self.cost[h.name] = None  # rebuilding it on the next visit is cheaper (or needed)
                             deltas.pop(h.name, None)
                         else:
+                            if a_s is None:
+                                a_s = self.a[t].index_select(dim, idx)
                             deltas.setdefault(h.name, []).append((unit_rows(a_s, bx, h.size), unit_rows(d, bx, h.size)))
                 self.bp[t].index_copy_(dim, idx, new_s)
         with _Timer(self.profile, "cost"):
@@ -223,6 +243,7 @@ class _Descent:
             elif self.cost[g.name] is not None:
                 self.cost[g.name] = self.cost[g.name][:, q]
         self.perms[g.name] = new.clone()
+        gain = gain if predicted is None else predicted
         self.objective += gain
         return gain
 
@@ -246,7 +267,17 @@ class _Descent:
         old = self.perms[g.name]
         if torch.equal(r, torch.arange(g.size)):
             return False, 0.0
-        scale = max(1.0, abs(float(cost[torch.arange(g.size, device=cost.device), r.to(cost.device)].sum())))
+        diag = torch.arange(g.size, device=cost.device)
+        total = float(cost[diag, r.to(cost.device)].sum())
+        scale = max(1.0, abs(total))
+        if unknown is None and g.name not in self.twice:
+            # the cost matrix is exact here, up to the rounding of float32 products (relative
+            # error far below 1e-4 of |A||B| on the group's tensors): a gain well above that is
+            # read off the matrix, sparing a pass over every moved slot; smaller ones are checked
+            predicted = total - float(cost[diag, diag].sum())
+            if predicted > _TRUST * max(1.0, self.scale[g.name]):
+                self.profile["trusted"] = self.profile.get("trusted", 0) + 1
+                return True, self.assign(g, old[r], predicted)
         gain = self.assign(g, old[r])
         if gain > 1e-12 * scale:
             return True, gain
@@ -255,9 +286,11 @@ class _Descent:
             self.clean.add(g.name)
         return False, 0.0
 
-    def run(self, seed: int, max_iter: int, progress, first_pass_invariant: bool = False) -> list[float]:
+    def run(self, seed: int, max_iter: int, progress, first_pass_invariant: bool = False,
+            tol: float = 0.0) -> list[float]:
         """Coordinate descent over the groups in a seeded random order per pass, until a pass
-        changes nothing; returns the objective after each pass."""
+        changes nothing (or, with ``tol > 0``, gains less than ``tol`` times the objective's
+        magnitude after the first pass); returns the objective after each pass."""
         gen = torch.Generator().manual_seed(int(seed))
         history: list[float] = []
         groups = self.spec.groups
@@ -280,12 +313,21 @@ class _Descent:
                 progress(it + 1, history[-1])
             if not changed:
                 break
+            if tol > 0 and len(history) > 1 and history[-1] - history[-2] < tol * abs(history[-2]):
+                log.info("weight matching: pass %d gained less than tol=%g of the objective; stopping", it + 1, tol)
+                break
         # the per-pass values add up exact gains; re-anchor them on the exact final value, so
         # that equal permutations score equal objectives whatever path reached them
         exact = self.exact_objective()
         history = [h + (exact - self.objective) for h in history]
         self.objective = exact
         return history
+
+
+def cost_work(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Multiply-adds of building each group's cost matrix from scratch."""
+    return {g.name: g.size * sum(state[ax.tensor].numel() * ax.extent(g.size) // state[ax.tensor].shape[ax.dim]
+                                 for ax in g.axes) for g in spec.groups}
 
 
 def _factor_sharing(spec: PermutationSpec) -> list[PermGroup]:
@@ -300,17 +342,19 @@ def _factor_sharing(spec: PermutationSpec) -> list[PermGroup]:
 
 def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
                     seed: int = 0, max_iter: int = 100, init: Mapping[str, torch.Tensor] | None = None,
-                    progress=None, starts: int = 2) -> tuple[dict[str, torch.Tensor], list[float]]:
+                    progress=None, starts: int | None = None, tol: float = 0.0) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Permutations for ``b`` maximizing ``sum <A, P(B)>``, and the objective after each pass.
 
     Groups are visited in a random order per pass (``torch.Generator().manual_seed(seed)``).
-    The descent starts from the identity; with ``starts=2`` (the default) a second, greedy start
-    is run too, whose first pass solves each group with the dims of groups not visited yet summed
-    out (their permutations are unknown, so their slots carry only noise), and the better result
-    is kept. The second start is what recovers planted permutations on some models (the test
-    zoo's einsum model); it about doubles the time (its low-rank first-pass costs are slow for the
-    assignment solver) for a small gain on random pairs (ResNet-50: objective 56888 instead of
-    56865), so ``starts=1`` is the fast option (``benchmarks/results/match_speed_one_start.md``).
+    The descent starts from the identity; with ``starts=2`` a second, greedy start is run too,
+    whose first pass solves each group with the dims of groups not visited yet summed out (their
+    permutations are unknown, so their slots carry only noise), and the better result is kept.
+    The second start is what recovers planted permutations on some small models (the test zoo's
+    attention model, for some inits); it costs two to three times the time (its low-rank
+    first-pass costs are slow for the assignment solver) for a small gain on random pairs
+    (ResNet-50: objective 56888 instead of 56865). ``starts=None`` (the default) picks 2 when
+    building every cost matrix once takes at most ``_AUTO_TWO_STARTS`` multiply-adds (well under
+    a second; the test zoo and the digits models) and 1 above (ResNet-50: 3.9e10).
     Groups that share a dim on different factors (attention heads and head_dim, a grouped conv's
     group index and within-group units) trap plain coordinate descent: with head_dim wrong, no
     head assignment scores well. So after a first descent those groups are re-solved with a cost
@@ -318,25 +362,35 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     again from there; the better of the two results is kept. The second start and the restart
     are skipped when the first descent reaches the upper bound ``|A| |B|`` (Cauchy-Schwarz: B is
     then a permuted copy of A, up to scale, and nothing can score more).
+    ``tol`` (default 0: run until a pass changes no permutation, the stopping rule of the Git
+    Bi-sect reproduction) stops a descent once a pass gains less than ``tol`` times the objective;
+    ``max_iter`` caps the passes per descent (the first pass alone already beats snimu's rebasin
+    on ResNet-50: `benchmarks/results/match_speed.md`).
     ``progress`` (optional) is called as ``progress(pass_number, objective)`` after each pass.
     Runs on the tensors' device; float32 tensors are multiplied in float32 and summed in float64.
     Where the time went is left in `last_profile`.
     """
-    profile: dict[str, float] = {}
+    if starts is not None and (isinstance(starts, bool) or starts not in (1, 2)):
+        raise ValueError(f"starts={starts!r}: pass 1 (identity start) or 2 (also the greedy start)")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
+        raise ValueError(f"tol={tol!r}: pass a number in [0, 1) (the relative gain per pass below which to stop)")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter={max_iter!r}: pass a positive number of passes")
+    if starts is None:
+        starts = 2 if sum(cost_work(spec, a).values()) <= _AUTO_TWO_STARTS else 1
+    profile: dict[str, float] = {"starts": starts}
     last_profile.clear()
     t0 = time.perf_counter()
     start = {g.name: (init[g.name].clone() if init else torch.arange(g.size)) for g in spec.groups}
     state = _Descent(spec, a, b, start, profile)
-    history = state.run(seed, max_iter, progress)
+    history = state.run(seed, max_iter, progress, tol=tol)
     perms = dict(state.perms)
     if history and history[-1] >= (1 - 1e-12) * state.bound():
         log.info("weight matching: the objective reached its upper bound |A| |B|; nothing can do better")
         return _finish(perms, history, profile, t0)
-    if starts not in (1, 2):
-        raise ValueError(f"starts={starts!r}: pass 1 (identity start) or 2 (also the greedy start)")
     if init is None and starts == 2:  # a second start whose first pass ignores what is not solved yet
         state = _Descent(spec, a, b, start, profile)
-        history2 = state.run(seed, max_iter, progress, first_pass_invariant=True)
+        history2 = state.run(seed, max_iter, progress, first_pass_invariant=True, tol=tol)
         if history2[-1] > history[-1]:
             perms, history = dict(state.perms), history + history2
     sharing = _factor_sharing(spec)
@@ -348,7 +402,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
             with _Timer(profile, "assignment"):
                 r = solve_assignment(cost)
             state.assign(g, state.perms[g.name][r])
-        history2 = state.run(seed + 1, max_iter, progress)
+        history2 = state.run(seed + 1, max_iter, progress, tol=tol)
         if history2 and history2[-1] > history[-1]:
             perms, history = dict(state.perms), history + history2
     return _finish(perms, history, profile, t0)

@@ -83,16 +83,17 @@ def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float
 
 
 def rewrite_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5, preserve_first: int = 0,
-                  partial: float | dict = 0.0, normalize: str | None = None, data: Iterable | None = None,
+                  partial: Any = 0.0, normalize: str | None = None, data: Iterable | None = None,
                   example_inputs: Any = None) -> nn.Module:
     """The architecture-changing merges behind `autoperm.merge`: PFM when ``preserve_first > 0``,
     partial merging (`autoperm.rewrite.partial.partial_merge`) when ``partial`` is given."""
     if preserve_first and partial:
         raise ValueError("preserve_first > 0 together with partial > 0 is not supported (v1): pick one")
     if partial:
-        from .partial import partial_merge
+        from .partial import Partial, partial_merge
 
-        return partial_merge(model_a, model_b, alignment, alpha=alpha, partial=partial, normalize=normalize,
-                             data=data, example_inputs=example_inputs)
+        options = partial.options() if isinstance(partial, Partial) else {"partial": partial}
+        return partial_merge(model_a, model_b, alignment, alpha=alpha, normalize=normalize, data=data,
+                             example_inputs=example_inputs, **options)
     return pfm_merge(model_a, model_b, alignment, alpha=alpha, preserve_first=preserve_first, normalize=normalize,
                      data=data, example_inputs=example_inputs)

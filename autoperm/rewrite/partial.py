@@ -54,10 +54,33 @@ from .emit import buffer_keys, emit, graph_from_traced, output_spec
 from .partial_graph import check_shapes, contraction_dims, locality, node_layouts, param_layouts, patch_sizes
 from .partial_widen import WidenError, buffer_count, extend_assignment, keep_alignment, widen_dim, widen_state
 
-__all__ = ["PartialResult", "partial_merge", "partial_widen", "benefit_factors", "benefit_order", "widened_params"]
+__all__ = ["Partial", "PartialResult", "partial_merge", "partial_widen", "benefit_factors", "benefit_order",
+           "widened_params"]
 
 log = logging.getLogger(__name__)
 _NORMALIZE = (None, "reset", "repair", "rescale")
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Partial-merging options for ``autoperm.merge(..., partial=Partial(...))``, where a plain
+    number or ``{group: gamma}`` dict means forced assignment with those gammas. ``gamma``,
+    ``assignment`` (``"forced"`` or ``"adaptive"``), ``threshold`` (the adaptive epsilon) and
+    ``similarity`` are `partial_merge`'s arguments of the same names. Example::
+
+        merged = autoperm.merge(a, b, method="activation", data=batches,
+                                partial=autoperm.Partial(1.0, assignment="adaptive", threshold=0.4))
+    """
+
+    gamma: float | Mapping[str, float] = 0.5
+    assignment: str = "forced"
+    threshold: float = 0.0
+    similarity: str = "auto"
+
+    def options(self) -> dict[str, Any]:
+        """`partial_merge` keyword arguments."""
+        return {"partial": self.gamma, "assignment": self.assignment, "threshold": self.threshold,
+                "similarity": self.similarity}
 
 
 @dataclass
