@@ -55,3 +55,22 @@ def test_vit_gets_head_and_head_dim_groups():
             head_dim.setdefault(name, set()).add((o, out, i))
     # one head_dim group shared by q and k, another by v (and the output projection)
     assert sorted(map(sorted, head_dim.values())) == [[(0, 3, 1), (192, 3, 1)], [(384, 3, 1)]]
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("timm:eva02_tiny_patch14_224", {"depth": 2}),
+    ("timm:samvit_base_patch16", {"depth": 2, "embed_dim": 96, "num_heads": 3, "global_attn_indexes": (1,),
+                                  "window_size": 2}),
+])
+def test_rope_and_rel_pos_vits_get_head_and_v_head_dim_groups(name, kwargs):
+    """EVA-02 (RoPE, non-persistent table): heads and v / proj head_dim, q / k head_dim frozen.
+    SAM-ViT (heads folded into the batch, shared rel-pos tables): heads, q / k and v head_dim."""
+    model, x = load(name, image_size=64, **kwargs)
+    spec = autoperm.trace(model, x)
+    assert spec.meta["verify_error"] < 1e-9
+    layouts = {(g.size, a.offset, a.outer, a.inner) for g, a in spec.axes_of("blocks.0.attn.qkv.weight") if a.dim == 0}
+    e = 192 if "eva02" in name else 96
+    h, d = (3, 64) if "eva02" in name else (3, 32)
+    assert {(h, o, 1, d) for o in (0, e, 2 * e)} <= layouts, layouts  # heads of q, k and v
+    assert (d, 2 * e, h, 1) in layouts  # head_dim of v
+    assert ((d, 0, h, 1) in layouts) == ("samvit" in name)  # q / k head_dim: frozen by EVA's RoPE table

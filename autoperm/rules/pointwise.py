@@ -4,8 +4,10 @@ Every tensor argument is broadcast against the output (aligned from the right): 
 size is tied to the output's dim, a dim of size 1 is broadcast and constrains nothing. This one
 rule covers activations, arithmetic with residuals, squeeze-excite gates (``x * gate`` with a
 ``(B, C, 1, 1)`` gate), layer scale (``x * gamma``), per-channel parameters used as tensors,
-``where`` / ``masked_fill``, dtype conversions, and softmax (equivariant along its own dim, since
-it treats the dim as a set).
+``where`` / ``masked_fill``, and softmax (equivariant along its own dim, since it treats the dim as a
+set). Casts (``to``, ``_to_copy``, ``type_as``) tie only ``self`` to the output: ``x.type_as(v)``
+reads v's dtype, never its values, so tying v would join unrelated index spaces (EVA's RoPE q / k
+with v).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from ..ir import Constraint, Tie
 from .base import RuleContext, aten_ops, register_rule
 
-__all__ = ["broadcast_to_out", "elementwise", "constant_factory", "random_factory"]
+__all__ = ["broadcast_to_out", "elementwise", "cast", "constant_factory", "random_factory"]
 
 
 def broadcast_to_out(ctx: RuleContext, inputs: list[list[int]], out: list[int]) -> list[Constraint]:
@@ -40,7 +42,7 @@ def broadcast_to_out(ctx: RuleContext, inputs: list[list[int]], out: list[int]) 
     "rsub", "maximum", "minimum", "where", "masked_fill", "eq", "ne", "lt", "le", "gt", "ge",
     "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_not", "addcmul", "addcdiv",
     "lerp", "floor_divide", "remainder", "fmod", "floor", "ceil", "round", "trunc", "atan2",
-    "clone", "alias", "contiguous", "detach", "_to_copy", "to", "type_as", "lift_fresh_copy",
+    "clone", "alias", "contiguous", "detach", "lift_fresh_copy",
     "softmax", "_softmax", "log_softmax", "_log_softmax", "dropout", "isnan", "isinf",
     "nan_to_num", "hardshrink", "softshrink", "silu_backward", "sigmoid_backward", "fill",
     "copysign", "xlogy", "special_erfcx", "gelu_backward", "bitwise_and", "bitwise_or"))
@@ -50,6 +52,16 @@ def elementwise(ctx: RuleContext) -> list[Constraint]:
     if not isinstance(out, list) or (out and not isinstance(out[0], int)):
         return ctx.freeze([a for xs in ctx.tensor_args() for a in xs], "elementwise op with a tuple output")
     return broadcast_to_out(ctx, ctx.tensor_args(), out)
+
+
+@register_rule(*aten_ops("_to_copy", "to", "type_as"))
+def cast(ctx: RuleContext) -> list[Constraint]:
+    """dtype / device cast: the output is ``self``'s values; ``other`` only lends its dtype, so it is not tied."""
+    x, out = ctx.atoms(ctx.arg("self")), ctx.out
+    if not isinstance(out, list) or not isinstance(x, list) or len(x) != len(out):
+        flat = [a for a in (out or []) if isinstance(a, int)]
+        return ctx.freeze([a for xs in ctx.tensor_args() for a in xs] + flat, "cast with an unexpected shape")
+    return ctx.tie_all(x, out)
 
 
 @register_rule(*aten_ops(

@@ -4,7 +4,8 @@ Reshapes are read from the input and output shapes (never from the size argument
 -1 or symbols): both are cut into blocks of equal products, a block of one dim on each side is a
 tie, and a larger block becomes one atom composed row-major of either side's dims, so a flatten of
 ``(C, H, W)`` into a Linear makes the Linear's input atom ``prod(C, H, W)``. Concatenation makes
-the output atom ``sum`` of the inputs' atoms, and split / chunk / slice the reverse.
+the output atom ``sum`` of the inputs' atoms, and split / chunk / slice the reverse; a strided
+slice ``x[s::k]`` makes the dim ``prod(rows, k)`` with the phase ``s`` frozen (RoPE's pairs).
 """
 
 from __future__ import annotations
@@ -169,16 +170,32 @@ def _span(n, start, end) -> tuple[int, int] | None:
 
 def _sliced(ctx: RuleContext, x: list[int], out: list[int], d: int, span, step, mid: int) -> list[Constraint]:
     others = [Tie(x[k], out[k]) for k in range(len(x)) if k != d]
+    n, m = ctx.size(x[d]), ctx.size(mid)
+    if step == 1 and _same(n, m):  # n of n contiguous slots: the whole dim, symbolic sizes too
+        return others + [Tie(x[d], mid)]
+    if span is not None and isinstance(step, int) and step > 1:
+        return others + _strided(ctx, x[d], mid, span, step)
     if span is None or step != 1:
         return others + ctx.freeze([x[d], out[d]], "strided or symbolic slice")
     start, end = span
-    n = ctx.size(x[d])
     return others + [Compose(x[d], "sum", (ctx.fresh(start), mid, ctx.fresh(n - end)))]
+
+
+def _strided(ctx: RuleContext, a: int, mid: int, span, step: int) -> list[Constraint]:
+    """``x[s::k]`` over a dim of ``m * k`` slots with ``s < k`` reads slot ``s`` of every row of k:
+    the dim is ``prod(rows, k)``, the rows are the output's slots (a permutation of whole rows
+    moves the output the same way) and the phase within a row is frozen. RoPE's interleaved
+    ``rot(x)`` (``x[..., 1::2]`` and ``x[..., ::2]``) reads pairs this way."""
+    n, (start, _) = ctx.size(a), span
+    if not isinstance(n, int) or n % step or start >= step or ctx.size(mid) != n // step:
+        return ctx.freeze([a, mid], "strided slice that does not read one slot of every row")
+    phase = ctx.fresh(step)
+    return [Compose(a, "prod", (mid, phase))] + ctx.freeze([phase], "strided slice reads a fixed phase")
 
 
 @register_rule(*aten_ops("slice"))
 def slice_(ctx: RuleContext) -> list[Constraint]:
-    """Slice with step 1: the input dim is ``sum(before, output, after)``."""
+    """Slice: step 1 makes the input dim ``sum(before, output, after)``; ``x[s::k]`` makes it ``prod(rows, k)``."""
     x, out = ctx.atoms(ctx.arg("self")), ctx.out
     d = norm_dim(ctx.arg("dim", 0), len(x))
     span = _span(ctx.size(x[d]), ctx.arg("start"), ctx.arg("end"))
