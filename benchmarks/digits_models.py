@@ -1,32 +1,48 @@
-"""Models for the digits benchmarks (inputs 1x8x8)."""
+"""Models for the merge benchmarks. Every factory takes the input shape ``(channels, *spatial)``:
+``(1, 8, 8)`` for scikit-learn's digits (the default) or ``(1, 40)`` for mnist1d; the conv
+models pick ``Conv1d`` / ``Conv2d`` (and the matching BatchNorm / pooling) from its length."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+DIGITS = (1, 8, 8)
+
+
+def _layer(kind: str, shape_or_dims) -> type:
+    """``nn.Conv1d`` / ``nn.Conv2d`` etc. for ``kind`` in Conv, BatchNorm, MaxPool, AdaptiveAvgPool."""
+    dims = shape_or_dims if isinstance(shape_or_dims, int) else len(shape_or_dims) - 1
+    return getattr(nn, f"{kind}{dims}d")
+
 
 def mlp(width):
-    return lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width),
-                                 nn.ReLU(), nn.Linear(width, 10))
+    return lambda shape=DIGITS: nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), width), nn.ReLU(),
+                                              nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
-def vgg():
+def vgg(shape=DIGITS):
+    conv, pool = _layer("Conv", shape), _layer("MaxPool", shape)
+
     def block(i, o):
-        return [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2), *block(32, 64), *block(64, 64),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10))
+        return [conv(i, o, 3, padding=1), nn.ReLU()]
+    flat = 64 * math.prod(s // 4 for s in shape[1:])
+    return nn.Sequential(*block(shape[0], 32), *block(32, 32), pool(2), *block(32, 64), *block(64, 64),
+                         pool(2), nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 class Basic(nn.Module):
-    def __init__(self, i, o, stride):
+    def __init__(self, i, o, stride, dims=2):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o)
-        self.conv2, self.bn2 = nn.Conv2d(o, o, 3, 1, 1, bias=False), nn.BatchNorm2d(o)
+        conv, bn = _layer("Conv", dims), _layer("BatchNorm", dims)
+        self.conv1, self.bn1 = conv(i, o, 3, stride, 1, bias=False), bn(o)
+        self.conv2, self.bn2 = conv(o, o, 3, 1, 1, bias=False), bn(o)
         self.short = nn.Sequential()
         if stride != 1 or i != o:
-            self.short = nn.Sequential(nn.Conv2d(i, o, 1, stride, bias=False), nn.BatchNorm2d(o))
+            self.short = nn.Sequential(conv(i, o, 1, stride, bias=False), bn(o))
 
     def forward(self, x):
         y = F.relu(self.bn1(self.conv1(x)))
@@ -34,39 +50,45 @@ class Basic(nn.Module):
 
 
 class ResNet20(nn.Module):
-    def __init__(self, k=1):
+    def __init__(self, k=1, shape=DIGITS):
         super().__init__()
-        w = 16 * k
-        self.conv, self.bn = nn.Conv2d(1, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w)
+        w, dims = 16 * k, len(shape) - 1
+        self.conv, self.bn = _layer("Conv", dims)(shape[0], w, 3, 1, 1, bias=False), _layer("BatchNorm", dims)(w)
         layers, c = [], w
         for s, o in enumerate((w, 2 * w, 4 * w)):
             for b in range(3):
-                layers.append(Basic(c, o, 2 if (s > 0 and b == 0) else 1))
+                layers.append(Basic(c, o, 2 if (s > 0 and b == 0) else 1, dims))
                 c = o
         self.layers = nn.Sequential(*layers)
+        self.pool = getattr(F, f"adaptive_avg_pool{dims}d")
         self.fc = nn.Linear(c, 10)
 
     def forward(self, x):
         x = self.layers(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(self.pool(x, 1).flatten(1))
 
 
 class InvRes(nn.Module):
-    def __init__(self, c, e=4):
+    def __init__(self, c, e=4, dims=2):
         super().__init__()
-        h = c * e
-        self.f = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
-                               nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
-                               nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+        h, conv, bn = c * e, _layer("Conv", dims), _layer("BatchNorm", dims)
+        self.f = nn.Sequential(conv(c, h, 1, bias=False), bn(h), nn.ReLU6(),
+                               conv(h, h, 3, padding=1, groups=h, bias=False), bn(h), nn.ReLU6(),
+                               conv(h, c, 1, bias=False), bn(c))
 
     def forward(self, x):
         return x + self.f(x)
 
 
-def mobilenet():
-    return nn.Sequential(nn.Conv2d(1, 24, 3, padding=1, bias=False), nn.BatchNorm2d(24), nn.ReLU6(),
-                         InvRes(24), InvRes(24), nn.Conv2d(24, 48, 3, 2, 1, bias=False), nn.BatchNorm2d(48),
-                         nn.ReLU6(), InvRes(48), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+def mobilenet(shape=DIGITS, width=1):
+    """MobileNetV2-style: stem, two inverted residuals, a strided conv, one more; ``width``
+    multiplies every channel count (24 / 48 at 1)."""
+    dims, c = len(shape) - 1, 24 * width
+    conv, bn = _layer("Conv", dims), _layer("BatchNorm", dims)
+    return nn.Sequential(conv(shape[0], c, 3, padding=1, bias=False), bn(c), nn.ReLU6(),
+                         InvRes(c, dims=dims), InvRes(c, dims=dims), conv(c, 2 * c, 3, 2, 1, bias=False),
+                         bn(2 * c), nn.ReLU6(), InvRes(2 * c, dims=dims), _layer("AdaptiveAvgPool", dims)(1),
+                         nn.Flatten(), nn.Linear(2 * c, 10))
 
 
 class ViTBlock(nn.Module):
@@ -83,13 +105,17 @@ class ViTBlock(nn.Module):
 
 
 class DigitsViT(nn.Module):
-    """A small ViT on 2x2 patches of the 8x8 digits: 16 tokens + a class token, 2 blocks."""
+    """A small ViT: 2x2 patches of the 8x8 digits (16 tokens; patches of 4 on a 1-D signal) + a
+    class token, 2 blocks."""
 
-    def __init__(self, dim=64, heads=4, depth=2):
+    def __init__(self, dim=64, heads=4, depth=2, shape=DIGITS):
         super().__init__()
-        self.patch = nn.Conv2d(1, dim, 2, stride=2)
+        dims = len(shape) - 1
+        p = 2 if dims == 2 else 4
+        tokens = math.prod(s // p for s in shape[1:])
+        self.patch = _layer("Conv", dims)(shape[0], dim, p, stride=p)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(0.02 * torch.randn(1, 17, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
         self.blocks = nn.Sequential(*[ViTBlock(dim, heads) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 10)
 
@@ -99,9 +125,12 @@ class DigitsViT(nn.Module):
         return self.head(self.norm(self.blocks(t))[:, 0])
 
 
-# name -> (factory, trained on class-biased halves?)
+# name -> (factory(shape=DIGITS), trained on class-biased halves?)
 MODELS = {
     "mlp32": (mlp(32), False), "mlp128": (mlp(128), False), "mlp512": (mlp(512), False),
-    "vgg": (vgg, False), "resnet20x1": (lambda: ResNet20(1), False), "resnet20x4": (lambda: ResNet20(4), False),
-    "mobilenetv2": (mobilenet, False), "mlp128_split": (mlp(128), True), "vit": (DigitsViT, False),
+    "vgg": (vgg, False), "resnet20x1": (lambda shape=DIGITS: ResNet20(1, shape), False),
+    "resnet20x4": (lambda shape=DIGITS: ResNet20(4, shape), False),
+    "mobilenetv2": (mobilenet, False), "mlp128_split": (mlp(128), True),
+    "vit": (lambda shape=DIGITS: DigitsViT(shape=shape), False),
+    "mobilenetv2x4": (lambda shape=DIGITS: mobilenet(shape, 4), False),
 }

@@ -1,11 +1,15 @@
-"""Merge quality on scikit-learn's digits: pairs trained from different seeds, merged by naive
+"""Merge quality on scikit-learn's digits (or mnist1d): pairs trained from different seeds, merged by naive
 averaging, weight matching, activation matching, Sinkhorn matching (weight-distance objective,
 and midpoint-loss objective as "sinkhorn_loss") and the straight-through estimator ("ste"), each
 without normalization and with RESET (BatchNorm models) / REPAIR / RESCALE.
 
 Usage: python benchmarks/merge_quality.py [--models mlp512,resnet20x4] [--epochs 30] [--steps 300]
-       [--methods identity,weight,activation,sinkhorn,sinkhorn_loss,ste]
-Writes benchmarks/results/merge_quality.md and merge_quality.json. Per model: endpoint
+       [--methods identity,weight,activation,sinkhorn,sinkhorn_loss,ste] [--dataset digits|mnist1d]
+Writes benchmarks/results/merge_quality.md and merge_quality.json (``--dataset mnist1d``:
+merge_quality_mnist1d.md / .json). mnist1d (Greydanus) is generated procedurally by the
+``mnist1d`` package's own generator (``make_dataset`` with its default arguments, seed 42: 4000
+train / 1000 test signals of length 40, no download); the conv models then use their 1-D
+variants (`digits_models`). Per model: endpoint
 accuracies, the ensemble (averaged logits), and per method x normalization the midpoint
 accuracy, the accuracy barrier (Vanishing Feature paper, Fig. 6 caption) and the loss barrier
 (Distill-and-Merge, Eq. 1) over alpha in {0, .25, .5, .75, 1}, plus matching time.
@@ -34,6 +38,7 @@ from digits_models import MODELS  # noqa: E402
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 METHODS = ("identity", "weight", "activation", "sinkhorn", "sinkhorn_loss", "ste")
+EXTRA_METHODS = ("activation_all",)  # activation matching on all sites (features="all"), on request
 
 
 def digits(seed=0):
@@ -44,11 +49,24 @@ def digits(seed=0):
     return (x[perm[:1400]], y[perm[:1400]]), (x[perm[1400:]], y[perm[1400:]])
 
 
-def train(factory, x, y, seed, epochs):
+def mnist1d_data():
+    """mnist1d generated offline by its package (default arguments, seed 42), as ``(N, 1, 40)``."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    d = make_dataset(args)
+    as_x = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(1)  # noqa: E731
+    return (as_x(d["x"]), torch.tensor(d["y"])), (as_x(d["x_test"]), torch.tensor(d["y_test"]))
+
+
+DATASETS = {"digits": digits, "mnist1d": mnist1d_data}
+
+
+def train(factory, x, y, seed, epochs, lr=0.1):
     torch.manual_seed(seed)
     model = factory()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.1, total_steps=epochs * ((len(x) + 63) // 64))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * ((len(x) + 63) // 64))
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(x)).split(64):
@@ -79,10 +97,12 @@ def match_options(method, data, data_xy, steps):
         return dict(method="sinkhorn", steps=steps)
     if method in ("sinkhorn_loss", "ste"):
         return dict(method=method.split("_")[0], data=data_xy, loss_fn=F.cross_entropy, steps=steps)
+    if method == "activation_all":
+        return dict(method="activation", data=data, features="all")
     return dict(method=method, data=data)
 
 
-def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None):
+def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None, lr=0.1):
     factory, split = MODELS[name]
     (xtr, ytr), (xte, yte) = train_set, test_set
     if split:
@@ -90,14 +110,16 @@ def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None):
     else:
         (xa, ya), (xb, yb) = (xtr, ytr), (xtr, ytr)
     t0 = time.perf_counter()
-    a, b = train(factory, xa, ya, 1, epochs), train(factory, xb, yb, 2, epochs)
+    shape = tuple(xtr.shape[1:])
+    make = lambda: factory(shape)  # noqa: E731
+    a, b = train(make, xa, ya, 1, epochs, lr), train(make, xb, yb, 2, epochs, lr)
     train_s = time.perf_counter() - t0
     data = list(xtr.split(256))
     data_xy = list(zip(xtr.split(256), ytr.split(256)))
     ev = lambda m: evaluate(m, xte, yte)  # noqa: E731
     with torch.no_grad():
         ens_logits = (a(xte) + b(xte)) / 2
-    row = {"params": sum(p.numel() for p in a.parameters()), "train_s": train_s,
+    row = {"params": sum(p.numel() for p in a.parameters()), "train_s": train_s, "lr": lr,
            "acc_a": ev(a)["acc"], "acc_b": ev(b)["acc"],
            "ensemble": (ens_logits.argmax(1) == yte).float().mean().item(), "merges": {}}
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
@@ -116,18 +138,37 @@ def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None):
     return row
 
 
+def append_rows(old, new):
+    """``old`` updated by ``new``; a model already in ``old`` with the same endpoint accuracies
+    (the same deterministic training) keeps its other methods' rows and gains the new ones."""
+    out = dict(old)
+    for name, row in new.items():
+        prev = old.get(name)
+        if prev and (prev["acc_a"], prev["acc_b"]) == (row["acc_a"], row["acc_b"]):
+            row = {**row, "merges": {**prev["merges"], **row["merges"]}}
+        out[name] = row
+    return out
+
+
 def render(rows, args):
-    lines = ["# merge quality on digits", "",
-             f"`python benchmarks/merge_quality.py --epochs {args.epochs}` (scikit-learn digits, 1400 train / "
-             "397 test, pairs trained from seeds 1 and 2; alpha is the weight of model B; barriers are maxima "
+    if args.dataset == "digits":
+        title, cmd, what = "digits", "", "scikit-learn digits, 1400 train / 397 test"
+    else:
+        title, cmd = "mnist1d", " --dataset mnist1d --append --models MODEL [--methods M] [--lr LR]"
+        what = ("mnist1d generated offline by its package (default arguments, seed 42; 4000 train / 1000 test "
+                "signals of length 40; conv models in their 1-D variants)")
+    lines = [f"# merge quality on {title}", "",
+             f"`python benchmarks/merge_quality.py{cmd} --epochs {args.epochs}` ({what}, pairs trained from seeds 1 and 2; alpha is the weight of model B; barriers are maxima "
              "over alpha in {0, .25, .5, .75, 1}; accuracies in %). sinkhorn: weight-distance objective; "
-             "sinkhorn_loss and ste: midpoint cross-entropy on the training batches"
+             "sinkhorn_loss and ste: midpoint cross-entropy on the training batches; activation_all (where run): "
+             "activation matching on all sites (`features=\"all\"`: residual sums and normalized values too)"
              f"{'' if args.steps is None else f', {args.steps} steps'}. With `--append`, rows come from separate runs "
              "(`--models` / `--methods` subsets, same epochs and seeds): each table lists the methods run for "
              "that model.", ""]
     for name, r in rows.items():
         ends = (r["acc_a"] + r["acc_b"]) / 2
-        lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters)", "",
+        lr = r.get("lr", 0.1)
+        lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters{'' if lr == 0.1 else f'; trained with --lr {lr}'})", "",
                   f"endpoints {100 * r['acc_a']:.1f} / {100 * r['acc_b']:.1f} (mean {100 * ends:.1f}); "
                   f"ensemble {100 * r['ensemble']:.1f}", "",
                   "| method / normalization | midpoint acc | acc barrier | loss barrier | match s |",
@@ -141,27 +182,31 @@ def render(rows, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lr", type=float, default=0.1, help="OneCycle peak learning rate of the training")
     ap.add_argument("--steps", type=int, default=None, help="Sinkhorn / STE step budget (default: library's)")
     ap.add_argument("--append", action="store_true",
-                    help="keep the other models' rows already in OUT/merge_quality.json (runs of separate "
+                    help="keep the other models' rows already in OUT/merge_quality[_DATASET].json (runs of separate "
                          "models, e.g. in parallel processes, add up)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    train_set, test_set = digits()
+    train_set, test_set = DATASETS[args.dataset]()
+    stem = "merge_quality" if args.dataset == "digits" else f"merge_quality_{args.dataset}"
     rows = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        rows[name] = run_model(name, args.epochs, train_set, test_set, args.methods.split(","), args.steps)
-        path = out / "merge_quality.json"
+        rows[name] = run_model(name, args.epochs, train_set, test_set, args.methods.split(","), args.steps,
+                               args.lr)
+        path = out / f"{stem}.json"
         if args.append and path.exists():  # re-read: another process may have added rows meanwhile
-            rows = {**json.loads(path.read_text()), **rows}
+            rows = append_rows(json.loads(path.read_text()), rows)
         path.write_text(json.dumps(rows, indent=1))
-        (out / "merge_quality.md").write_text(render(rows, args))
+        (out / f"{stem}.md").write_text(render(rows, args))
     print(render(rows, args))
 
 
