@@ -117,7 +117,7 @@ def activation_time(a, b, spec, name):
             "per_batch_s": per_batch, "fixed_s": seconds[1] - per_batch}
 
 
-def measure(name, repeats, max_iter, with_activation, variants=True):
+def measure(name, repeats, max_iter, with_activation, variants=tuple(VARIANTS)):
     a, b, x = pair(name)
     row = {"identity_objective": objective(a.state_dict(), b.state_dict()), "autoperm": [], "rebasin": [],
            "params": sum(p.numel() for p in a.parameters()), "variants": {}}
@@ -128,7 +128,8 @@ def measure(name, repeats, max_iter, with_activation, variants=True):
         got["load"] = os.getloadavg()
         row["autoperm"].append(got)
         print(f"  {got['match_s']:.1f} s, objective {got['objective']:.6g}", flush=True)
-        for label, (starts, iters, tol) in (VARIANTS.items() if variants else ()):
+        for label in variants:
+            starts, iters, tol = VARIANTS[label]
             print(f"{name}: repeat {r + 1}/{repeats}, autoperm {label}", flush=True)
             got, _ = run_autoperm(a, b, x, iters, starts=starts, tol=tol, spec=spec)
             got["load"] = os.getloadavg()
@@ -232,7 +233,7 @@ def write(rows, meta, out):
             lines.append(f"| {n} | {r['batch']} | {r['image']}x{r['image']} | {r['per_batch_s']:.1f} | {r['fixed_s']:.1f} |")
     var = [(n, r) for n, r in rows.items() if r.get("variants") and "rebasin_match_s" in r["summary"]]
     if var:
-        lines += ["", "Faster settings of autoperm's weight matching, timed in the same run against the same "
+        lines += ["", "Other settings of autoperm's weight matching, timed in the same run against the same "
                   "rebasin time (`starts=2`: also the greedy start; `tol`: stop once a pass gains less "
                   "than that share of the objective; `max_iter=1`: one pass; the default runs until a pass changes "
                   "nothing, with the number of starts the library picks for the model's size):", "",
@@ -248,6 +249,8 @@ def write(rows, meta, out):
                 obj = runs[0]["objective"]
                 lines.append(f"| {n} | {label} | {t:.1f} | {s['rebasin_match_s'] / t:.1f}x | {obj:.2f} | "
                              f"{'yes' if obj >= s['rebasin_objective'] else 'no'} |")
+    lines += ["", "Commands per row: " + "; ".join(f"{n}: `{r.get('command', meta['command'])}`"
+                                                   for n, r in rows.items())]
     errors = {n: r["rebasin"][0] for n, r in rows.items() if "error" in r["rebasin"][0]}
     for n, e in errors.items():
         lines += ["", f"rebasin on {n} failed: `{e['error'][:300]}`"]
@@ -264,7 +267,9 @@ def main():
                     help="weight matching starts (default: the library's choice; 2: identity + greedy; 1: identity)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-activation", action="store_true")
-    ap.add_argument("--no-variants", action="store_true", help="time only the main setting (see VARIANTS)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated other settings to time beside the main one, from {list(VARIANTS)} "
+                         "('' for none)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     global STARTS
@@ -286,7 +291,12 @@ def main():
     except ImportError:
         meta["rebasin"] = None
     for name in args.models:
-        rows[name] = measure(name, args.repeats, args.max_iter, not args.no_activation, not args.no_variants)
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            ap.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        rows[name] = measure(name, args.repeats, args.max_iter, not args.no_activation, variants)
+        rows[name]["command"] = meta["command"]
         write(rows, meta, out)
 
 
