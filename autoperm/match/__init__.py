@@ -27,7 +27,8 @@ from ._loss import MidpointLoss, check_loss_fn, check_targets
 from .activation import activation_matching
 from .sinkhorn import sinkhorn_matching
 from .ste import ste_matching
-from .weight import solve_assignment, unit_matrix, weight_matching
+from .assignment import solve_assignment, unit_matrix
+from .weight import weight_matching
 
 __all__ = ["Alignment", "MatchContext", "METHODS", "NEEDS_DATA", "NEEDS_GRAPH", "DEFAULT_STEPS", "DEFAULT_LR",
            "check_method_args", "activation_matching", "sinkhorn_matching", "ste_matching", "solve_assignment",

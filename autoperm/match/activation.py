@@ -21,7 +21,7 @@ from .._stats import pair_statistics, shared_sites
 from ..analysis import Site
 from ..frontend import TracedGraph
 from ..spec import PermutationSpec
-from .weight import solve_assignment
+from .assignment import solve_assignment
 
 __all__ = ["activation_matching", "select_sites"]
 

@@ -39,7 +39,7 @@ import torch
 from ..permute import permute_state_dict
 from ..spec import Axis, PermutationSpec
 from ._loss import check_budget, descend, touched_float_keys
-from .weight import solve_assignment
+from .assignment import solve_assignment
 
 __all__ = ["sinkhorn", "soft_apply_axis", "soft_permute_state", "sinkhorn_matching"]
 
