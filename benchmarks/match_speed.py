@@ -60,7 +60,11 @@ def pair(name):
     return a, b, x
 
 
-def run_autoperm(a, b, x, max_iter, starts=STARTS, tol=0.0, spec=None):
+_MAIN = object()  # run_autoperm's starts: the main setting (STARTS, set by --starts at run time)
+
+
+def run_autoperm(a, b, x, max_iter, starts=_MAIN, tol=0.0, spec=None):
+    starts = STARTS if starts is _MAIN else starts
     t0 = time.perf_counter()
     spec = spec or autoperm.trace(a, x, verify=False)
     t_trace = time.perf_counter() - t0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import autoperm
+from helpers import rel_change, single_axis_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from digits_models import MODELS  # noqa: E402
@@ -25,11 +26,16 @@ def test_factory_accepts_shape(name, shape):
 
 @pytest.mark.parametrize("name", ["vgg", "resnet20x1", "mobilenetv2"])
 def test_1d_conv_nets_permute(name):
-    model = MODELS[name][0]((1, 40)).eval()
+    """float64, every parameter and buffer randomized (BatchNorm statistics included): random
+    permutations of the spec keep the output; one group's permutation on a single axis of a
+    multi-axis group changes it (negative control)."""
+    model = autoperm.perturbed(MODELS[name][0]((1, 40)), 0)
     assert any(isinstance(m, torch.nn.Conv1d) for m in model.modules())
-    x = torch.randn(4, 1, 40)
+    x = torch.randn(4, 1, 40, dtype=torch.float64)
     spec = autoperm.trace(model, x)
     assert spec.groups, "a 1-D conv net has permutable channels"
-    permuted = autoperm.permute(model, spec, autoperm.random_permutation(spec, seed=1))
-    with torch.no_grad():
-        assert torch.allclose(permuted(x), model(x), atol=1e-5)
+    perms = autoperm.random_permutation(spec, seed=1, derangement=True)
+    assert rel_change(model, spec, perms, (x,)) < 1e-10
+    group = max((g for g in spec.groups if len(g.axes) > 1), key=lambda g: g.size)
+    axis = next(a for a in group.axes if a.tensor.endswith("weight") and a.dim == 0)
+    assert rel_change(model, single_axis_spec(spec, group, axis), {group.name: perms[group.name]}, (x,)) > 1e-3

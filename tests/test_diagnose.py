@@ -14,7 +14,6 @@ from torch import nn
 import autoperm
 from autoperm.demo import DemoNet
 
-torch.set_num_threads(1)
 
 
 def _mlp(seed: int, width: int = 96, depth: int = 4) -> nn.Module:

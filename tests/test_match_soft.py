@@ -17,14 +17,6 @@ from zoo import ZOO
 _SPECS = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on a shared 2-core machine spin against each other: several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def planted(name, seed=3):
     if name not in _SPECS:

@@ -12,13 +12,6 @@ from helpers import state_snapshot, trained_mlps
 from zoo import ZOO
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 _SPECS = {}
 

@@ -9,14 +9,6 @@ from torch import nn
 import autoperm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on a shared 2-core machine spin against each other: several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def mlp(seed):
     torch.manual_seed(seed)
