@@ -3,6 +3,9 @@
 Some models store tensors computed in forward on themselves (timm's EfficientFormer caches its
 attention bias in eval mode); ``copy.deepcopy`` refuses such non-leaf tensors. `copy_module`
 copies them detached, so copying never fails because the caller ran the model first.
+`copy_with_state` loads new weights into such a copy and then calls ``train(mode)``, which is
+where those models clear their caches (timm's LeViT and EfficientFormer do), so that no copy runs
+on a cache computed from the old weights.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["copy_module"]
+__all__ = ["copy_module", "copy_with_state"]
 
 
 def _non_leaf(value, memo: dict, depth: int = 0) -> None:
@@ -37,3 +40,11 @@ def copy_module(model: nn.Module) -> nn.Module:
             if name != "_modules":  # submodules are visited by model.modules()
                 _non_leaf(value, memo)
     return copy.deepcopy(model, memo)
+
+
+def copy_with_state(model: nn.Module, state) -> nn.Module:
+    """A copy of ``model`` carrying ``state`` (a full state dict), in the model's train / eval
+    mode, with forward caches of the old weights cleared where the model clears them in ``train``."""
+    out = copy_module(model)
+    out.load_state_dict(state)
+    return out.train(model.training)

@@ -150,9 +150,15 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
         raise ExampleInputError(
             f"the model raised when called on the example inputs (shapes {shapes}): "
             f"{type(e).__name__}: {e}. Pass inputs the model's forward accepts.") from e
+    # models that cache tensors computed from their weights in eval-mode forward (timm's LeViT
+    # and EfficientFormer attention biases) clear the cache in train(): clear what the check
+    # just filled, so that export traces the computation instead of lifting a constant
+    work.eval()
     batched, dynamic = _batched(inputs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # a forward cache refilled while exporting the throw-away copy (see above)
+        warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
         ep, dynamic = _export_program(model, work, inputs, batched, dynamic)
     return _wrap(ep, model, dynamic)
 

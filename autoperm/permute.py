@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ._copy import copy_module
+from ._copy import copy_with_state
 from .errors import PermutationError
 from .spec import Axis, PermutationSpec
 
@@ -136,9 +136,7 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
     state = model.state_dict()
     spec.check_model(state)
     new_state = permute_state_dict(state, spec, perms)
-    out = copy_module(model)
-    out.load_state_dict(new_state)
-    return out
+    return copy_with_state(model, new_state)
 
 
 def invert(perms: Mapping[str, torch.Tensor]) -> Perms:

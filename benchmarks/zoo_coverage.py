@@ -588,6 +588,13 @@ def _short_cause(text: str) -> str:
     return t[:200]
 
 
+def _copy_peers(row: dict, peers: dict) -> None:
+    """Fill ``row``'s peer columns from an earlier run's row of the same model and input shape."""
+    old = peers.get(row.get("key"))
+    if old and old.get("input_shape") == row.get("input_shape") and "rebasin" in old:
+        row["rebasin"], row["tp"], row["peers_copied"] = old["rebasin"], old.get("tp"), True
+
+
 def write_outputs(out: Path, meta: dict, rows: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "zoo_coverage.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
@@ -657,7 +664,9 @@ def render_md(meta: dict, rows: dict) -> str:
          "layers whose output is the model's output) lying in a group from `get_all_groups()` that prunes "
          "parameters of >= 2 layers. Times are wall-clock seconds on a machine that other jobs may share (each "
          "row's JSON has the 1-minute load average at its start, and the CPU seconds of compile and verify, "
-         "which depend less on that load).", ""]
+         "which depend less on that load)." + (
+             f" The peer columns are copied from {meta['peers_from']}, row by row (same model, same input "
+             "shape; the peers' results do not depend on autoperm's analysis)." if meta.get("peers_from") else ""), ""]
     L += ["Observed peer limitations behind the failures below (rebasin 0.0.47 source, `rebasin/modules.py`): "
           "`OneDimModule` permutes a 1-D module's `weight` and `bias` but not BatchNorm's `running_mean` / "
           "`running_var`, so model b's function changes wherever those statistics are not the defaults 0 and 1 "
@@ -823,6 +832,9 @@ def main():
                     help="torch threads in the worker: 1 by default, since OpenMP threads spin-wait and slow "
                          "down by 10x or more when other jobs share the CPU cores")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--peers-from", default=None, metavar="JSON",
+                    help="with --skip-peers: copy each model's rebasin / Torch-Pruning columns from an earlier "
+                         "run's JSON (same model and input shape; the peers do not depend on autoperm)")
     ap.add_argument("--render-only", action="store_true", help="rewrite DIR/zoo_coverage.md from the JSON")
     ap.add_argument("--rerun-failed", action="store_true",
                     help="when resuming, run again the models whose row shows an autoperm crash or UNSOUND spec "
@@ -873,6 +885,16 @@ def main():
         keys = {c["key"] for c in cands}
         srcs = {c["source"] for c in cands}
         rows = {k: r for k, r in rows.items() if k in keys or r.get("source") not in srcs}
+    peers: dict = {}
+    if args.peers_from:
+        if not args.skip_peers:
+            ap.error("--peers-from needs --skip-peers (it fills the peer columns of an autoperm-only run)")
+        pdata = json.loads(Path(args.peers_from).read_text())
+        peers = pdata["rows"]
+        pm = pdata.get("meta", {})
+        meta["peers_from"] = (f"{args.peers_from} ({pm.get('date')}; rebasin {pm.get('versions', {}).get('rebasin')}, "
+                              f"torch-pruning {pm.get('versions', {}).get('torch-pruning')})")
+        meta["config"] = {**cfg, **{k: v for k, v in pm.get("config", {}).items() if k.startswith(("rebasin", "tp"))}}
     worker = Worker(cfg)
     t_all = time.perf_counter()
     try:
@@ -888,6 +910,7 @@ def main():
                 row = {k: cand.get(k) for k in ("source", "name", "key", "family", "params", "skip")} | {"status": "skipped"}
             else:
                 row = worker.run(cand, args.hard_timeout)
+                _copy_peers(row, peers)
                 if rerun:
                     row["previous"] = {k: old.get(k) for k in ("status", "error", "autoperm", "autoperm_code")}
             rows[key] = row
