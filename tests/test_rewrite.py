@@ -22,7 +22,7 @@ from autoperm.frontend import _wrap, capture
 from autoperm.rewrite import pfm_merge
 from autoperm.rewrite.emit import (EmitError, buffer_keys, emit, flop_count, graph_from_traced, original_state_dict,
                                    output_spec, param_count)
-from autoperm.rewrite.pfm import counted_layers, shortcut_projections
+from autoperm.rewrite.pfm import counted_layers, preserved_nodes, reference_pfm, shortcut_projections
 from autoperm.verify import output_error
 from helpers import float64_inputs, state_snapshot
 from zoo import ZOO
@@ -104,6 +104,36 @@ def test_pfm_wrong_alignment_changes_output():
     assert output_error(good(*x), bad(*x)) > 1e-3
 
 
+@pytest.mark.parametrize("name", ["mlp", "vgg"])
+def test_pfm_folds_merge_nodes_into_preserved_weights(name):
+    """Merge nodes fed by an affine layer through ReLU / pooling / views become adds; the
+    coefficients sit in the preserved copies' weights; the function equals the unfolded
+    reference (`reference_pfm`, which interpolates with lerp)."""
+    a, b, x, al = pair(name)
+    alpha = 0.3
+    m = autoperm.merge(a, b, alignment=al, alpha=alpha, preserve_first=2, example_inputs=x)
+    plan = m.autoperm_pfm["folded"]
+    assert plan, "a ReLU / pooling boundary after a conv or linear is foldable"
+    assert "lerp" not in m.code, "every merge of these models is folded: an add"
+    sd = original_state_dict(m)
+    bp = autoperm.permute_state_dict(b.state_dict(), al.spec, al.perms)
+    for keys in plan.values():
+        for k in keys:
+            assert torch.allclose(sd[f"model_a.{k}"], (1 - alpha) * a.state_dict()[k], rtol=0, atol=1e-15)
+            assert torch.allclose(sd[f"model_b.{k}"], alpha * bp[k], rtol=0, atol=1e-15)
+    states = {"model_a": a.state_dict(), "model_b": bp,
+              "merged": {k[len("merged."):]: v for k, v in sd.items() if k.startswith("merged.")}}
+    ref = reference_pfm(al.traced, states, preserved_nodes(al.traced, 2), alpha, x)[0]
+    assert output_error(ref, m(*x)) < 1e-12
+    # negative control: undo the scaling of model_b's copy only -> a different function
+    own = {v: k for k, v in m.autoperm_keys.items()}
+    with torch.no_grad():
+        for keys in plan.values():
+            for k in keys:
+                m.state_dict()[own[f"model_b.{k}"]].copy_(bp[k])
+    assert output_error(ref, m(*x)) > 1e-3
+
+
 def test_pfm_reset_matches_batchnorm_reset_and_spares_preserved():
     a, b, x, al = pair("vgg")
     data = [torch.randn(6, 3, 8, 8, dtype=torch.float64) for _ in range(3)]
@@ -162,15 +192,19 @@ def test_pfm_repair_hits_goal_on_merged_layers_only(mode):
     for k, v in sd.items():
         if not k.startswith("merged.") or k.startswith("merged.8."):  # preserved copies, the output layer
             assert torch.equal(v, bare[k]), k
-    for i in (0, 2):
-        assert torch.equal(sd[f"model_a.{i}.weight"], a[i].weight) and torch.equal(sd[f"model_b.{i}.bias"], b_al[i].bias)
+    # layer 2's merge is folded (`pfm_fold`): its copies carry the coefficients, layer 0's do not
+    assert m.autoperm_pfm["folded"] == {"relu_1": ["2.weight", "2.bias"]}
+    with torch.no_grad():
+        for i, ca, cb in ((0, 1.0, 1.0), (2, 1 - alpha, alpha)):
+            assert torch.equal(sd[f"model_a.{i}.weight"], ca * a[i].weight) and torch.equal(
+                sd[f"model_b.{i}.bias"], cb * b_al[i].bias)
 
     def lin(ctx, i, z):
         return nn.functional.linear(z, sd[f"{ctx}.{i}.weight"], sd[f"{ctx}.{i}.bias"])
 
     with torch.no_grad():
         za, zb = (torch.relu(lin(c, 2, torch.relu(lin(c, 0, x)))) for c in ("model_a", "model_b"))
-        h4 = lin("merged", 4, (1 - alpha) * za + alpha * zb)
+        h4 = lin("merged", 4, za + zb)
         h6 = lin("merged", 6, torch.relu(h4))
         assert output_error(m(x), lin("merged", 8, torch.relu(h6))) < 1e-12, "the hand reading is the module"
         for i, h in ((4, h4), (6, h6)):
@@ -239,7 +273,7 @@ def test_pfm_module_batch_state_dict_and_helpers():
     assert param_count(m) == 2 * n1 + rest
     assert flop_count(m, x7) == 2 * 7 * (2 * 6 * 16 + 16 * 12 + 12 * 3)
     assert flop_count(a, x7) == 2 * 7 * (6 * 16 + 16 * 12 + 12 * 3)
-    assert "lerp" in m.code
+    assert "lerp" not in m.code and "add" in m.code, "the merge is folded (`pfm_fold`): an add"
 
 
 def test_whole_module_save_load_in_fresh_process(tmp_path):

@@ -13,8 +13,10 @@ and once with model_b's aligned (permuted) weights; every value that flows from 
 into the rest is merged by ``(1 - alpha) * a + alpha * b`` (``aten.lerp``); the rest runs on the
 interpolated weights. Ops that read only parameters are recomputed in each copy with that copy's
 weights. ``l = 0`` is the full merge; ``l >= L`` (the number of counted layers) duplicates the
-whole graph and averages the outputs: exactly the ensemble. Merge nodes are not folded into the
-next layer's weights (a possible optimization; the function is the same).
+whole graph and averages the outputs: exactly the ensemble. Merge nodes are folded into weights
+where that is exact (`pfm_fold`): the coefficients ``1 - alpha`` and ``alpha`` go into the last
+affine op of each preserved copy (model_a's copy of that layer then stores its weights times
+``1 - alpha``; ``module.autoperm_pfm["folded"]`` lists them) and the merge is a plain add.
 
 Normalization touches the merged part only (Figure 4 right: "Normalization is applied to the
 merged layers"; Table 1): ``normalize="reset"`` recomputes the running statistics of the merged
@@ -43,6 +45,7 @@ from torch import nn
 from .._data import batch_inputs
 from ..frontend import TracedGraph
 from .emit import buffer_keys, emit, output_spec
+from .pfm_fold import fold_plan, scale_folded
 from ..rules.base import packet_name as _packet
 
 __all__ = ["dense_nodes", "shortcut_projections", "counted_layers", "preserved_nodes", "build_pfm",
@@ -170,14 +173,15 @@ def _is_float_tensor(node: torch.fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
-def build_pfm(tg: TracedGraph, preserved: set[torch.fx.Node], alpha: float, b_constants: Iterable[str] = ()
-              ) -> tuple[torch.fx.Graph, dict[str, list[torch.fx.Node]]]:
+def build_pfm(tg: TracedGraph, preserved: set[torch.fx.Node], alpha: float, b_constants: Iterable[str] = (),
+              folded: Iterable[str] = ()) -> tuple[torch.fx.Graph, dict[str, list[torch.fx.Node]]]:
     """The PFM graph: get_attr targets are ``"<context>.<state key>"`` (contexts ``model_a``,
     ``model_b``, ``merged``) or, for keyless constants, ``"_constants.<placeholder>"`` (model_a's
     value, also used by the merged part, as in `autoperm.merge`) and ``"_constants_b.<placeholder>"``
     for those named in ``b_constants`` (model_b's value differs). Also returns the BatchNorm nodes
-    of the merged context (for RESET) as ``{"merged_bn": [...]}``."""
-    b_constants = set(b_constants)
+    of the merged context (for RESET) as ``{"merged_bn": [...]}``. The merges of the nodes named
+    in ``folded`` are plain adds (their coefficients are in the weights: `pfm_fold`)."""
+    b_constants, folded = set(b_constants), set(folded)
     graph = torch.fx.Graph()
     data = data_nodes(tg)
     env: dict[tuple[str, torch.fx.Node], Any] = {}
@@ -191,7 +195,10 @@ def build_pfm(tg: TracedGraph, preserved: set[torch.fx.Node], alpha: float, b_co
         if ctx == "merged" and node in preserved:
             if node not in merges:
                 a, b = value("model_a", node), value("model_b", node)
-                if _is_float_tensor(node):
+                if _is_float_tensor(node) and node.name in folded:
+                    merges[node] = graph.call_function(torch.ops.aten.add.Tensor, (a, b))
+                    merges[node].meta = {"val": node.meta.get("val"), "autoperm": f"merge of {node.name} (folded)"}
+                elif _is_float_tensor(node):
                     merges[node] = graph.call_function(torch.ops.aten.lerp.Scalar, (a, b, float(alpha)))
                     merges[node].meta = {"val": node.meta.get("val"), "autoperm": f"merge of {node.name}"}
                 else:  # shapes and other non-float values are the same in both copies
@@ -321,10 +328,11 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
                preserve_first: int, alpha: float, inputs: tuple[torch.Tensor, ...], outputs: Any,
                normalize: str | None = None, data: Iterable | None = None,
                b_constants: Mapping[str, torch.Tensor] | None = None,
-               grouped: set[str] | None = None) -> torch.fx.GraphModule:
+               grouped: set[str] | None = None, fold: bool = True) -> torch.fx.GraphModule:
     """Emit the PFM module for already aligned and interpolated ``states`` (see `pfm_merge` in
     `autoperm.rewrite`), checked against `reference_pfm` on ``inputs``, then normalized
-    (``grouped``: the weight keys whose output dim is grouped, for REPAIR / RESCALE)."""
+    (``grouped``: the weight keys whose output dim is grouped, for REPAIR / RESCALE). With
+    ``fold``, merge nodes are folded into the preserved layers' weights where exact (`pfm_fold`)."""
     layers = counted_layers(tg)
     if not layers:
         raise ValueError("preserve_first: the model has no conv / linear layer to count")
@@ -334,7 +342,8 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
     preserved = preserved_nodes(tg, preserve_first)
     b_constants = {k: v for k, v in (b_constants or {}).items()
                    if not (v.shape == tg.constants[k].shape and torch.equal(v, tg.constants[k]))}
-    graph, info = build_pfm(tg, preserved, alpha, b_constants)
+    plan = fold_plan(tg, preserved, alpha) if fold else {}
+    graph, info = build_pfm(tg, preserved, alpha, b_constants, plan)
     tensors: dict[str, torch.Tensor] = {f"_constants.{k}": v for k, v in tg.constants.items()}
     tensors.update({f"_constants_b.{k}": v for k, v in b_constants.items()})
     buffers = set()
@@ -344,6 +353,9 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
             tensors[f"{ctx}.{key}"] = t
             if key in bufs:
                 buffers.add(f"{ctx}.{key}")
+    scale_folded(tensors, plan, alpha)
+    log.info("PFM: %d of %d merge nodes folded into the preserved layers' weights", len(plan),
+             sum(1 for n in graph.nodes if str(n.meta.get("autoperm", "")).startswith("merge of")))
     names = {n.name for n in info["merged_bn"]}
     module = emit(graph, tensors, buffers=buffers, out_spec=output_spec(outputs),
                   static_batch=None if tg.dynamic_batch else inputs[0].shape[0], class_name="PFMModule")
@@ -359,5 +371,6 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
 
         repair_merged(module, tg, states, set(grouped or ()), data, alpha, normalize, len(inputs))
     module.autoperm_pfm = {"preserve_first": int(preserve_first), "counted_layers": len(layers),
-                           "layers": [n.name for n in layers], "alpha": float(alpha)}
+                           "layers": [n.name for n in layers], "alpha": float(alpha),
+                           "folded": {k: list(v) for k, v in plan.items()}}
     return module
