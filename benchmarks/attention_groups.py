@@ -56,13 +56,16 @@ NOTES = [
     "columns join the q / k head_dim group.",
     "- **test_vit_relpos**: its `RelPosMlp` bias networks have `num_heads` too; nested modules count as "
     "part of the enclosing attention layer (their output rows carry the head group).",
-    "- Before this run (every module with `num_heads` counted, nested ones included): 18 of 22 models "
+    "- Two runs ago (every module with `num_heads` counted, nested ones included): 18 of 22 models "
     "passed (eva02_base 0 / 12, samvit_base 0 / 12, test_vit_relpos 9 / 18, levit_128 0 / 14). Counting "
     "outermost layers halves the layer counts of torchvision's ViTs (24 -> 12) and maxvit_t (44 -> 22).",
-    "- **LeViT** (`levit_128`): head_dim groups exist (one axis per head: its qkv is laid out "
-    "`(heads, q | k | v)`), but the heads are frozen on purpose: in eval mode the attention bias is read "
-    "from `attention_bias_cache`, a tensor attribute derived from `attention_biases` that export lifts "
-    "as a constant; permuting the heads would leave that cache stale.",
+    "- **LeViT** (`levit_128`): head_dim groups are one axis per head (its qkv is laid out "
+    "`(heads, q | k | v)`). Its heads used to be frozen: in eval mode the attention bias is read from "
+    "`attention_bias_cache`, filled by the trace's own input check and then lifted by export as a "
+    "constant. The trace now calls `eval()` again after that check (timm clears the cache in `train()`), "
+    "so export traces `attention_biases[:, idxs]` and the bias table joins the head group; every copy "
+    "autoperm returns goes through `train(mode)`, so none runs on a stale cache "
+    "(tests/test_forward_cache.py). The run before this one: 21 of 22 models (levit_128 0 / 14).",
 ]
 
 

@@ -38,7 +38,9 @@ from digits_models import MODELS  # noqa: E402
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 METHODS = ("identity", "weight", "activation", "sinkhorn", "sinkhorn_loss", "ste")
-EXTRA_METHODS = ("activation_all",)  # activation matching on all sites (features="all"), on request
+# on request: activation matching on all sites (features="all"); the same with the statistics also
+# taken over the training inputs shifted by one pixel (sample) each way along each spatial dim
+EXTRA_METHODS = ("activation_all", "activation_shift")
 
 
 def digits(seed=0):
@@ -91,6 +93,12 @@ def split_halves(x, y, seed):
     return (x[keep_a], y[keep_a]), (x[~keep_a], y[~keep_a])
 
 
+def shifted(batches):
+    """Copies of the input batches rolled by one pixel (sample) each way along each spatial dim:
+    more varied unlabeled inputs for activation statistics (normalization still uses the plain set)."""
+    return [torch.roll(x, s, d) for x in batches for d in range(2, x.dim()) for s in (-1, 1)]
+
+
 def match_options(method, data, data_xy, steps):
     """``autoperm.match`` keyword arguments for one benchmark method."""
     if method == "sinkhorn":
@@ -99,6 +107,8 @@ def match_options(method, data, data_xy, steps):
         return dict(method=method.split("_")[0], data=data_xy, loss_fn=F.cross_entropy, steps=steps)
     if method == "activation_all":
         return dict(method="activation", data=data, features="all")
+    if method == "activation_shift":
+        return dict(method="activation", data=data + shifted(data), features="all")
     return dict(method=method, data=data)
 
 
@@ -161,7 +171,9 @@ def render(rows, args):
              f"`python benchmarks/merge_quality.py{cmd} --epochs {args.epochs}` ({what}, pairs trained from seeds 1 and 2; alpha is the weight of model B; barriers are maxima "
              "over alpha in {0, .25, .5, .75, 1}; accuracies in %). sinkhorn: weight-distance objective; "
              "sinkhorn_loss and ste: midpoint cross-entropy on the training batches; activation_all (where run): "
-             "activation matching on all sites (`features=\"all\"`: residual sums and normalized values too)"
+             "activation matching on all sites (`features=\"all\"`: residual sums and normalized values too); "
+             "activation_shift (where run): the same with its statistics taken over the training inputs and their "
+             "copies rolled by one pixel (sample) each way along each spatial dim (REPAIR / RESET data unchanged)"
              f"{'' if args.steps is None else f', {args.steps} steps'}. With `--append`, rows come from separate runs "
              "(`--models` / `--methods` subsets, same epochs and seeds): each table lists the methods run for "
              "that model.", ""]

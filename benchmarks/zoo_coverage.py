@@ -904,6 +904,8 @@ def main():
             rerun = args.rerun_failed and old and _bug_of(old)
             if not cand["skip"] and not rerun and old and (old.get("status") == "skipped" or (
                     old.get("status") == "done" and (args.skip_peers or "rebasin" in old or not old.get("input_shape")))):
+                if peers and "rebasin" not in old:
+                    _copy_peers(old, peers)
                 print(f"[{i}/{len(cands)}] {key}: already in {jpath.name}, kept", file=sys.stderr, flush=True)
                 continue
             if cand["skip"]:
