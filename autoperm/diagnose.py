@@ -32,7 +32,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ._copy import copy_module
+from ._copy import copy_with_state
 from ._data import batch_inputs, first_inputs
 from ._progress import progress
 from ._stats import run_graph
@@ -285,8 +285,6 @@ def repair(pruned: nn.Module, reference: nn.Module, data: Iterable, *, mode: str
     dense_layers = [layer for layer in layers if layer.kind == "dense"]
     goal = channel_moments(tg, reference.state_dict(), data, dense_layers) if dense_layers else {}
     state = repair_state(tg, pruned.state_dict(), layers, data, goal, mode="rescale" if mode == "rescale" else "repair")
-    out = copy_module(pruned)
-    out.load_state_dict(state)
     log.info("%s: %d conv / linear layers, %d BatchNorm layers", mode, len(dense_layers),
              len(layers) - len(dense_layers))
-    return out.train(pruned.training)
+    return copy_with_state(pruned, state)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ._copy import copy_module
+from ._copy import copy_with_state
 from ._data import first_inputs
 from .analysis import analyze_with_sites
 from .frontend import capture, normalize_inputs
@@ -238,8 +238,7 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
             state = calibrate_biases(state, states, weights, counted)
         else:
             state = remove_biases(state, counted, bias_layers)
-    merged = copy_module(model_a)
-    merged.load_state_dict(state)
+    merged = copy_with_state(model_a, state)
     if normalize == "reset":
         merged = reset_batchnorm(merged, data)
     elif has_batchnorm(merged):

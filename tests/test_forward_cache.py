@@ -14,7 +14,6 @@ from torch import nn
 
 import autoperm
 from autoperm._copy import copy_module
-from helpers import float64_inputs
 
 
 class CachedBiasAttention(nn.Module):
@@ -51,13 +50,15 @@ class CachedBiasAttention(nn.Module):
         return x + self.proj((att @ v).transpose(1, 2).reshape(b, n, c))
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), CachedBiasAttention(), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+def _model(seed=0):
+    """float64, every parameter and buffer randomized (no default LayerNorm 1 / 0 to hide a bug)."""
+    torch.manual_seed(seed)
+    return autoperm.perturbed(nn.Sequential(nn.Linear(6, 8), CachedBiasAttention(), nn.LayerNorm(8),
+                                            nn.Linear(8, 3)), seed)
 
 
 def _x():
-    return torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))
+    return torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
 def _head_group(spec):
@@ -80,7 +81,7 @@ def test_cached_bias_joins_the_head_group_even_after_the_caller_ran_the_model():
 def test_permuted_copy_does_not_run_on_the_old_cache():
     model, x = _model(), _x()
     spec = autoperm.trace(model, (x,))
-    m64, x64 = copy_module(model).double(), float64_inputs((x,))
+    m64, x64 = copy_module(model), (x,)
     with torch.no_grad():
         ref = m64(*x64)  # fills m64's cache with its own biases
         perms = autoperm.random_permutation(spec, seed=3, derangement=True)
@@ -95,9 +96,7 @@ def test_permuted_copy_does_not_run_on_the_old_cache():
 
 
 def test_merge_of_models_with_caches_uses_the_merged_bias():
-    a, x = _model(), _x()
-    torch.manual_seed(5)
-    b = nn.Sequential(nn.Linear(6, 8), CachedBiasAttention(), nn.LayerNorm(8), nn.Linear(8, 3)).eval()
+    a, b, x = _model(0), _model(5), _x()
     with torch.no_grad():
         a(x), b(x)
     merged = autoperm.merge(a, b, example_inputs=(x,))
@@ -105,6 +104,6 @@ def test_merge_of_models_with_caches_uses_the_merged_bias():
     fresh.load_state_dict(merged.state_dict())
     fresh[1].cache = {}
     with torch.no_grad():
-        assert torch.allclose(merged(x), fresh(x), atol=1e-6)
+        assert torch.allclose(merged(x), fresh(x), rtol=0, atol=1e-12)
         # the merged bias differs from model_a's: a stale cache would show
         assert not torch.allclose(merged[1].attention_biases, a[1].attention_biases)
