@@ -30,6 +30,7 @@ from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from ._invariance import constant_dims
 from .errors import AnalysisError, UnsupportedOpError
 from .frontend import TracedGraph, node_origin
+from .hierarchy import find_children
 from .ir import AtomTable
 from .rules.base import RuleContext, op_name, rule_for, sizes_of
 from .rules.base import packet_name as _packet_name
@@ -88,7 +89,8 @@ def _node_tensors(node: torch.fx.Node, values: dict) -> list[int]:
     return out
 
 
-def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Counter) -> None:
+def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Counter,
+               record: dict | None = None) -> None:
     for node in tg.graph.nodes:
         if node.op == "placeholder":
             values[node] = _fresh(table, node.meta.get("val"))
@@ -112,6 +114,8 @@ def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Cou
         ctx = RuleContext(node, table, values, origin)
         try:
             constraints = list(entry.fn(ctx))
+            if record is not None:
+                record[node] = constraints
             for c in constraints:
                 table.apply(c)
         except AnalysisError as e:
@@ -202,10 +206,12 @@ def _sites(tg: TracedGraph, table: AtomTable, values: dict, names: dict[int, str
     return out
 
 
-def analyze(tg: TracedGraph, *, strict: bool = False) -> PermutationSpec:
+def analyze(tg: TracedGraph, *, strict: bool = False, hierarchical: bool = False) -> PermutationSpec:
     """Compile the permutation spec of a traced graph.
 
     With ``strict=True`` an op without a rule raises `UnsupportedOpError` instead of freezing.
+    With ``hierarchical=True`` a group that provably takes one permutation per slot of another
+    (each attention head's head_dim) gets that group as its ``parent`` (`autoperm.hierarchy`).
 
     Example::
 
@@ -213,27 +219,35 @@ def analyze(tg: TracedGraph, *, strict: bool = False) -> PermutationSpec:
         spec = analyze(tg)
         [(g.name, g.size) for g in spec.groups]    # [('0', 8)]
     """
-    spec, _ = _compile(tg, strict)
+    spec, _ = _compile(tg, strict, hierarchical)
     return spec
 
 
-def analyze_with_sites(tg: TracedGraph, *, strict: bool = False) -> tuple[PermutationSpec, dict[str, list[Site]]]:
+def analyze_with_sites(tg: TracedGraph, *, strict: bool = False,
+                       hierarchical: bool = False) -> tuple[PermutationSpec, dict[str, list[Site]]]:
     """`analyze`, plus where each group's units appear in intermediate values (for activation
     statistics: `autoperm._stats`)."""
-    return _compile(tg, strict)
+    return _compile(tg, strict, hierarchical)
 
 
-def _compile(tg: TracedGraph, strict: bool) -> tuple[PermutationSpec, dict[str, list[Site]]]:
+def _compile(tg: TracedGraph, strict: bool, hierarchical: bool = False) -> tuple[PermutationSpec, dict[str, list[Site]]]:
     table = AtomTable()
     values: dict[torch.fx.Node, Any] = {}
     unsupported: Counter = Counter()
-    _run_rules(tg, table, values, unsupported)
+    record: dict = {}
+    _run_rules(tg, table, values, unsupported, record if hierarchical else None)
     if strict and unsupported:
         raise UnsupportedOpError(
             f"no permutation rule for {sorted(unsupported)}; register one with "
             "@autoperm.register_rule(op), or pass strict=False to freeze the dims they touch")
     _freeze_interface(tg, table, values)
     spec, names = _emit(tg, table, values)
+    if hierarchical:
+        sizes = {leaf: spec.group(name).size for leaf, name in names.items()}
+        kids = find_children(tg.graph, table, values, record, table.frozen_closure(), set(tg.state_keys), sizes)
+        for child, parent in kids.items():
+            spec.group(names[child]).parent = names[parent]
+        spec.meta["hierarchical"] = True
     spec.meta.update({"frontend": tg.frontend, "dynamic_batch": tg.dynamic_batch,
                       "torch": torch.__version__, "unsupported_ops": dict(unsupported)})
     for op, n in unsupported.items():

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def trace(model: nn.Module, example_inputs: Any, *, verify: bool = True, strict: bool = False,
-          seed: int = 0) -> PermutationSpec:
+          seed: int = 0, hierarchical: bool = False) -> PermutationSpec:
     """Compile the `PermutationSpec` of ``model``; the model is never modified.
 
     ``example_inputs`` is a Tensor or a tuple of Tensors (the forward's positional arguments).
@@ -27,6 +27,9 @@ def trace(model: nn.Module, example_inputs: Any, *, verify: bool = True, strict:
     model: every group is permuted with a no-fixed-point permutation and the outputs must match
     (`autoperm.verify.verify_spec`); a failure raises `UnsoundSpecError` naming the group. With
     ``strict=True`` an op without a rule raises `UnsupportedOpError` instead of being frozen.
+    With ``hierarchical=True`` each attention head's head_dim group gets the heads group as its
+    ``parent`` where the graph proves that every head may permute its head_dim on its own
+    (`autoperm.hierarchy`); the check then draws one permutation per head.
 
     Example::
 
@@ -43,7 +46,7 @@ def trace(model: nn.Module, example_inputs: Any, *, verify: bool = True, strict:
     t0 = time.perf_counter()
     tg = capture(model, inputs)
     t1 = time.perf_counter()
-    spec = analyze(tg, strict=strict)
+    spec = analyze(tg, strict=strict, hierarchical=hierarchical)
     t2 = time.perf_counter()
     spec.meta.update({"model": type(model).__name__, "capture_s": round(t1 - t0, 4),
                       "analysis_s": round(t2 - t1, 4)})

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--table", action="store_true", help="print the per-tensor table (group on each dim)")
     spec.add_argument("--compact", action="store_true", help="draw one node per group instead of one per layer")
     spec.add_argument("--no-verify", action="store_true", help="skip the float64 check of the spec (faster)")
+    spec.add_argument("--per-head", action="store_true",
+                      help="hierarchical groups: one head_dim permutation per attention head where provable")
 
     merge = sub.add_parser("merge", parents=[common], help="align checkpoint B to A and merge them",
                            description="Load two state_dict checkpoints of MODEL, align B to A, interpolate "
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--batch-size", type=int, default=256, help="batch size for --data (default: 256)")
     merge.add_argument("--input-shape", type=_shape, metavar="SHAPE", help="example input shape for tracing")
     merge.add_argument("--seed", type=int, default=0, help="seed of the matcher (default: 0)")
+    merge.add_argument("--per-head", action="store_true", help="align each attention head's head_dim on its own "
+                       "(weight / activation matching on a hierarchical spec)")
     merge.add_argument("--device", default="cpu", help="torch device to merge on, e.g. cuda (default: cpu)")
     merge.add_argument("--out", default="merged.pt", metavar="FILE",
                        help="merged state_dict (default: merged.pt; .safetensors with safetensors installed)")
@@ -123,7 +127,7 @@ def cmd_spec(args: argparse.Namespace) -> int:
     log.info("built %s in %.1fs; tracing on inputs %s", args.model, time.perf_counter() - t0,
              [tuple(t.shape) for t in inputs])
     t1 = time.perf_counter()
-    spec = trace(model, inputs, verify=not args.no_verify)
+    spec = trace(model, inputs, verify=not args.no_verify, hierarchical=args.per_head)
     seconds = time.perf_counter() - t1
     print(_summary(args.model, inputs, spec, coverage(spec, model), seconds))
     if args.table:
@@ -206,6 +210,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.method in ("sinkhorn", "ste") and "loss_fn" in inspect.signature(merge).parameters and targets is not None:
         kwargs["loss_fn"] = torch.nn.functional.cross_entropy if not targets.is_floating_point() else \
             torch.nn.functional.mse_loss
+    if args.per_head:
+        from .api import trace
+
+        first = kwargs["example_inputs"] or (data[0][0] if isinstance(data[0], tuple) else data[0],)
+        kwargs["spec"] = trace(model_a, first, hierarchical=True)
     log.info("aligning B to A (%s) and merging", args.method)
     merged = merge(model_a, model_b, **kwargs)
     _write_state(merged.state_dict(), out)

@@ -92,5 +92,5 @@ def _iterate(first, models, states, spec, perms, opts, max_rounds):
         log.info("merge_many round %d: %d of %d models re-aligned", rnd + 1, changed, len(models))
         if not changed:
             break
-    back = invert(perms[0])
-    return [compose(p, back) for p in perms]
+    back = invert(perms[0], spec)
+    return [compose(p, back, spec) for p in perms]

@@ -1,7 +1,9 @@
 """The permute back end: random permutations, applying them, inverting and composing them.
 
 A permutation ``p`` (a LongTensor holding each of ``0..n-1`` once) acts by gather:
-``new[i] = old[p[i]]`` along each slot block of its group (`autoperm.spec.Axis`).
+``new[i] = old[p[i]]`` along each slot block of its group (`autoperm.spec.Axis`). A child group
+(`autoperm.spec.PermGroup.parent`) may instead hold one row per parent slot (``[m, k]``), applied
+after the parent: ``new[h, i] = old[parent[h], child[h, i]]``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def random_permutation(spec: PermutationSpec, seed: int = 0, *, derangement: boo
     """A random permutation per group, from ``torch.Generator().manual_seed(seed)``.
 
     With ``derangement=True`` no unit stays in place (for groups of size >= 2), which makes
-    checks meaningful: a random permutation of size 2 is the identity half the time.
+    checks meaningful: a random permutation of size 2 is the identity half the time. A child
+    group gets one permutation per parent slot (``[parent.size, size]``).
 
     Example::
 
@@ -39,16 +42,21 @@ def random_permutation(spec: PermutationSpec, seed: int = 0, *, derangement: boo
     """
     gen = torch.Generator().manual_seed(int(seed))
     out: Perms = {}
+    rows = {g.name: spec.group(g.parent).size if g.parent else 0 for g in spec.groups}
     for g in spec.groups:
-        if derangement and g.size >= 2:
-            shift = torch.randperm(g.size, generator=gen)
-            # a cyclic shift of a random ordering has no fixed point
-            p = torch.empty(g.size, dtype=torch.long)
-            p[shift] = shift.roll(1)
-        else:
-            p = torch.randperm(g.size, generator=gen)
-        out[g.name] = p
+        ps = [_one_random(g.size, gen, derangement) for _ in range(max(rows[g.name], 1))]
+        out[g.name] = torch.stack(ps) if rows[g.name] else ps[0]
     return out
+
+
+def _one_random(n: int, gen: torch.Generator, derangement: bool) -> torch.Tensor:
+    if derangement and n >= 2:
+        shift = torch.randperm(n, generator=gen)
+        # a cyclic shift of a random ordering has no fixed point
+        p = torch.empty(n, dtype=torch.long)
+        p[shift] = shift.roll(1)
+        return p
+    return torch.randperm(n, generator=gen)
 
 
 def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> None:
@@ -63,24 +71,35 @@ def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor])
             raise PermutationError(f"no permutation given for group {g.name!r} (size {g.size}); pass one "
                                    "for every group, e.g. from autoperm.identity_permutation(spec)")
         p = perms[g.name]
-        if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.dtype not in (torch.int64, torch.int32):
-            raise PermutationError(f"permutation of group {g.name!r} must be a 1-D integer tensor")
-        if p.numel() != g.size:
-            raise PermutationError(f"permutation of group {g.name!r} has length {p.numel()}, "
-                                   f"the group has size {g.size}")
-        if not torch.equal(torch.sort(p.cpu()).values, torch.arange(g.size)):
-            raise PermutationError(f"permutation of group {g.name!r} is not a permutation of 0..{g.size - 1}")
+        rows = spec.group(g.parent).size if g.parent else None
+        two_d = rows is not None and isinstance(p, torch.Tensor) and p.dim() == 2
+        if not isinstance(p, torch.Tensor) or p.dim() != (2 if two_d else 1) or p.dtype not in (torch.int64, torch.int32):
+            shape = f"1-D (or [{rows}, {g.size}]: one row per slot of parent {g.parent!r})" if rows else "1-D"
+            raise PermutationError(f"permutation of group {g.name!r} must be a {shape} integer tensor")
+        if p.shape[-1] != g.size or (two_d and p.shape[0] != rows):
+            got = f"shape {list(p.shape)}" if two_d else f"length {p.numel()}"
+            raise PermutationError(f"permutation of group {g.name!r} has {got}, the group has size {g.size}"
+                                   + (f" and {rows} parent slots" if two_d else ""))
+        if not torch.equal(torch.sort(p.cpu(), dim=-1).values, torch.arange(g.size).expand_as(p)):
+            raise PermutationError(f"permutation of group {g.name!r} is not a permutation of 0..{g.size - 1}"
+                                   + (" in every row" if two_d else ""))
 
 
 def apply_axis(t: torch.Tensor, axis: Axis, perm: torch.Tensor) -> torch.Tensor:
-    """``t`` with the slots of ``axis`` gathered by ``perm`` (a new tensor)."""
-    size = perm.numel()
+    """``t`` with the slots of ``axis`` gathered by ``perm`` (a new tensor). A 2-D ``perm``
+    (``[m, size]``, a child group's row per parent slot) gathers outer chunk ``h`` by row ``h``."""
+    size = perm.shape[-1]
     n = axis.extent(size)
     dim = axis.dim
     block = t.narrow(dim, axis.offset, n)
     shape = list(t.shape)
     view = block.reshape(shape[:dim] + [axis.outer, size, axis.inner] + shape[dim + 1:])
-    moved = view.index_select(dim + 1, perm.to(t.device)).reshape(block.shape)
+    if perm.dim() == 2:
+        rows = perm.to(t.device).repeat_interleave(axis.outer // perm.shape[0], dim=0)  # [outer, size]
+        index = rows.view([1] * dim + [axis.outer, size, 1] + [1] * (len(shape) - dim - 1)).expand_as(view)
+        moved = view.gather(dim + 1, index).reshape(block.shape)
+    else:
+        moved = view.index_select(dim + 1, perm.to(t.device)).reshape(block.shape)
     if n == t.shape[dim]:
         return moved
     pieces = [t.narrow(dim, 0, axis.offset), moved,
@@ -114,7 +133,7 @@ def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
     out = OrderedDict(state)
     if hasattr(state, "_metadata"):  # version info some modules' _load_from_state_dict needs
         out._metadata = state._metadata  # type: ignore[attr-defined]
-    for g in spec.groups:
+    for g in sorted(spec.groups, key=lambda g: g.parent is not None):  # parents before their children
         p = perms[g.name].long()
         for axis in g.axes:
             out[axis.tensor] = apply_axis(out[axis.tensor], axis, p)
@@ -139,19 +158,47 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
     return copy_with_state(model, new_state)
 
 
-def invert(perms: Mapping[str, torch.Tensor]) -> Perms:
-    """The inverse of each permutation: ``invert(p)[p[i]] = i``."""
-    out: Perms = {}
-    for name, p in perms.items():
-        inv = torch.empty_like(p)
-        inv[p] = torch.arange(p.numel(), device=p.device, dtype=p.dtype)
-        out[name] = inv
+def _inverse(p: torch.Tensor) -> torch.Tensor:
+    """Row-wise inverse of a 1-D or 2-D permutation."""
+    inv = torch.empty_like(p)
+    inv.scatter_(-1, p, torch.arange(p.shape[-1], device=p.device, dtype=p.dtype).expand_as(p).contiguous())
+    return inv
+
+
+def _parents(perms: Mapping[str, torch.Tensor], spec: PermutationSpec | None) -> dict[str, str]:
+    """Each child name with a 2-D permutation -> its parent's name (needs ``spec``)."""
+    two_d = [n for n, p in perms.items() if p.dim() == 2]
+    if two_d and spec is None:
+        raise PermutationError(f"groups {two_d} hold one permutation per parent slot; pass spec= so that "
+                               "their parents are known")
+    return {n: spec.group(n).parent for n in two_d} if two_d else {}
+
+
+def invert(perms: Mapping[str, torch.Tensor], spec: PermutationSpec | None = None) -> Perms:
+    """The inverse of each permutation: ``invert(p)[p[i]] = i``. A child's per-parent-slot rows
+    follow the parent (``spec`` names it): ``inv[h] = inverse(child[parent_inv[h]])``."""
+    parents = _parents(perms, spec)
+    out: Perms = {name: _inverse(p) for name, p in perms.items()}
+    for child, parent in parents.items():
+        out[child] = out[child][out[parent].to(out[child].device)]  # a parent is always 1-D
     return out
 
 
-def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> Perms:
-    """The permutation that applies ``first`` and then ``second``: ``first[second]``.
+def compose(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor],
+            spec: PermutationSpec | None = None) -> Perms:
+    """The permutation that applies ``first`` and then ``second``: ``first[second]``; a child's
+    rows compose through the parent: ``out[h] = first_c[second_parent[h]][second_c[h]]``.
 
-    ``permute(permute(m, spec, first), spec, second) == permute(m, spec, compose(first, second))``.
+    ``permute(permute(m, spec, first), spec, second) == permute(m, spec, compose(first, second, spec))``.
     """
-    return {name: first[name][second[name]] for name in first}
+    parents = _parents({**first, **second}, spec)
+    out: Perms = {}
+    for name in first:
+        a, b = first[name], second[name]
+        if name not in parents:
+            out[name] = a[b]
+            continue
+        m = spec.group(parents[name]).size
+        a2, b2 = (x if x.dim() == 2 else x.expand(m, -1) for x in (a, b))
+        out[name] = torch.gather(a2[second[parents[name]]], 1, b2)
+    return out

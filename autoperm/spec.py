@@ -19,9 +19,13 @@ Worked example, the spec of ``Sequential(Linear(4, 8), ReLU(), Linear(8, 3))``::
     group "0" (size 8): 0.weight dim 0, 0.bias dim 0, 2.weight dim 1
     frozen: 0.weight dim 1 (model input), 2.weight dim 0 and 2.bias dim 0 (model output)
 
-*Hierarchical groups* (one permutation per slot of a parent group, e.g. per-head head_dim)
-are part of the data model through `PermGroup.parent`; the compiler does not emit them yet and
-`validate` rejects them until the back ends support them.
+*Hierarchical groups*: a group with a ``parent`` (each attention head's head_dim, parent: the
+heads) may take one permutation per parent slot: an ``[parent.size, size]`` tensor, row ``h``
+acting on the units of parent slot ``h``, applied after the parent's permutation (so row ``h``
+belongs to the head now at position ``h``). On each child axis, outer index ``k`` lies in parent
+slot ``k // (outer / parent.size)``. A 1-D permutation of a child acts on every parent slot alike.
+`autoperm.trace(..., hierarchical=True)` emits them where the graph proves it
+(`autoperm.hierarchy`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+import torch
 
 from .errors import ShapeMismatchError, SpecError
 
@@ -86,8 +92,8 @@ class Frozen:
 class PermGroup:
     """One permutation of ``size`` units and every place (`Axis`) it acts on.
 
-    ``parent`` is reserved for hierarchical groups (one permutation of ``size`` per slot of the
-    parent group); it is ``None`` for every group the compiler emits today.
+    ``parent`` names the group whose slots may each take their own permutation of this group
+    (hierarchical groups, see the module docstring); ``None`` for a plain group.
     """
 
     name: str
@@ -138,7 +144,8 @@ class PermutationSpec:
     def validate(self) -> "PermutationSpec":
         """Check the invariants; raise `SpecError` naming the first violation; return ``self``.
 
-        Per group: a unique name, ``size >= 1``, no parent (not supported yet). Per axis and
+        Per group: a unique name, ``size >= 1``; a parent is another group without a parent, and
+        each child axis's outer chunks fall in the parent's slots (`_check_child`). Per axis and
         frozen entry: the tensor is known, the dim exists, the block fits in the dim. Per slot
         and factor: no two entries (axes of any groups, or an axis and a frozen entry) move the
         same slots along overlapping factors. Several groups may share a dim when they act on
@@ -153,7 +160,7 @@ class PermutationSpec:
             if g.size < 1:
                 raise SpecError(f"group {g.name!r} has size {g.size}; sizes must be >= 1")
             if g.parent is not None:
-                raise SpecError(f"group {g.name!r} has a parent; hierarchical groups are not supported yet")
+                self._check_child(g)
             for a in g.axes:
                 self._check_block(f"group {g.name!r}", a.tensor, a.dim, a.offset, a.extent(g.size))
                 entries.setdefault((a.tensor, a.dim), []).append(
@@ -170,6 +177,22 @@ class PermutationSpec:
                 if a.tensor in aliases:
                     raise SpecError(f"group {g.name!r} names tied alias {a.tensor!r}; use its canonical name")
         return self
+
+    def _check_child(self, g: PermGroup) -> None:
+        parent = next((p for p in self.groups if p.name == g.parent), None)
+        if parent is None or parent is g or parent.parent is not None:
+            raise SpecError(f"group {g.name!r} names parent {g.parent!r}, which is not a group without a parent")
+        for a in g.axes:
+            if a.outer % parent.size:
+                raise SpecError(f"child group {g.name!r}: outer {a.outer} on {a.tensor!r} dim {a.dim} is not a "
+                                f"multiple of parent {parent.name!r}'s size {parent.size}")
+            coord = _parent_coordinates(parent, a.tensor, a.dim, a.offset + a.extent(g.size))
+            chunk = a.outer // parent.size
+            slots = torch.arange(a.extent(g.size)).view(a.outer, -1) + a.offset
+            want = (torch.arange(a.outer) // chunk).view(-1, 1)
+            if not torch.equal(coord[slots], want.expand_as(slots)):
+                raise SpecError(f"child group {g.name!r}: its slots on {a.tensor!r} dim {a.dim} do not lie in "
+                                f"parent {parent.name!r}'s slots chunk by chunk")
 
     def _check_block(self, who: str, tensor: str, dim: int, offset: int, extent: int) -> None:
         if self.shapes and tensor not in self.shapes:
@@ -266,6 +289,19 @@ class PermutationSpec:
     def __repr__(self) -> str:
         return (f"PermutationSpec({len(self.groups)} groups, {len(self.frozen)} frozen entries, "
                 f"{len(self.shapes)} tensors)")
+
+
+def _parent_coordinates(parent: PermGroup, tensor: str, dim: int, length: int) -> "torch.Tensor":
+    """For slots ``0 .. length-1`` of ``tensor``'s ``dim``: the parent slot holding each (-1: none)."""
+    coord = torch.full((length,), -1, dtype=torch.long)
+    for a in parent.axes:
+        if a.tensor != tensor or a.dim != dim:
+            continue
+        idx = (a.offset + (torch.arange(a.outer).view(-1, 1, 1) * parent.size
+                           + torch.arange(parent.size).view(1, -1, 1)) * a.inner + torch.arange(a.inner).view(1, 1, -1))
+        keep = idx < length
+        coord[idx[keep]] = torch.arange(parent.size).view(1, -1, 1).expand_as(idx)[keep]
+    return coord
 
 
 def _check_overlaps(tensor: str, dim: int, items: Iterable[tuple[str, int, int, int, int]]) -> None:

@@ -89,6 +89,14 @@ def format_table(spec: "PermutationSpec") -> str:
         short = sorted(reasons.items(), key=lambda kv: -kv[1])
         lines.append(". frozen: " + "; ".join(f"{r} ({n})" for r, n in short[:12])
                      + (f"; ... {len(short) - 12} more reasons" if len(short) > 12 else ""))
+    kids: dict[str, list[str]] = {}
+    for g in spec.groups:
+        if g.parent:
+            kids.setdefault(g.parent, []).append(g.name)
+    for parent, names in list(kids.items())[:12]:
+        lines.append(f"per slot of {parent}: {', '.join(names)} (one permutation per {parent} unit)")
+    if len(kids) > 12:
+        lines.append(f"... {len(kids) - 12} more parents with per-slot groups")
     lines.append(f"{len(spec.groups)} groups, {sum(len(g.axes) for g in spec.groups)} axes, "
                  f"{len(spec.frozen)} frozen entries")
     return "\n".join(lines)

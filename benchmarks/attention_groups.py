@@ -108,8 +108,10 @@ def check_layer(spec: autoperm.PermutationSpec, prefix: str, heads: int) -> dict
                 per_head.setdefault(ax.tensor, set()).add(ax.offset)
         if heads > 1 and g.size > 1 and any(len(offs) >= heads for offs in per_head.values()):
             found_hd.append(g.name)
+    hd = sorted(set(found_hd))
+    per_head = [g for g in hd if spec.group(g).parent in set(found_heads)]
     return {"layer": prefix, "num_heads": heads, "head_groups": sorted(set(found_heads)),
-            "head_dim_groups": sorted(set(found_hd)), "tensors": sorted(tensors),
+            "head_dim_groups": hd, "per_head_groups": per_head, "tensors": sorted(tensors),
             "ok": (bool(found_heads) or heads == 1) and bool(found_hd)}
 
 
@@ -117,11 +119,13 @@ def run(name: str, size: int | None) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model, x = load(name, image_size=size)
-    spec = autoperm.trace(model, x, verify=True)
+    spec = autoperm.trace(model, x, verify=True, hierarchical=True)  # verified with per-head permutations
     layers = [check_layer(spec, p, h) for p, h in attention_layers(model)]
     return {"model": name, "input": list(x[0].shape), "trace_verify_s": round(time.perf_counter() - t0, 2),
             "groups": len(spec.groups), "attention_layers": len(layers),
-            "layers_ok": sum(r["ok"] for r in layers), "layers": layers}
+            "layers_ok": sum(r["ok"] for r in layers), "layers": layers,
+            "head_dim_groups": sum(len(r["head_dim_groups"]) for r in layers),
+            "per_head_groups": sum(len(r["per_head_groups"]) for r in layers)}
 
 
 def render(rows: list[dict]) -> str:
@@ -132,20 +136,25 @@ def render(rows: list[dict]) -> str:
              "`num_heads` (one nested in another is part of it); it passes when some group of size "
              "num_heads acts on dim 0 of a tensor under it with head_dim slots per unit (the head group) "
              "and some group acts there repeated in every head (a head_dim group). Every spec below was "
-             "verified (float64, random permutations).", "",
-             "| model | input | groups | attention layers | with head + head_dim groups | example layer: head groups / head_dim groups |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
+             "verified (float64, random permutations). Specs are traced with `hierarchical=True`: the last "
+             "column counts the head_dim groups that take one permutation per head (their parent is the "
+             "layer's head group, `autoperm.hierarchy`), and the check drew a different permutation per head.", "",
+             "| model | input | groups | attention layers | with head + head_dim groups | example layer: head groups / head_dim groups | head_dim groups per head |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | | | ERROR | {r['error']} |")
+            lines.append(f"| {r['model']} | | | | ERROR | {r['error']} | |")
             continue
         ex = next((layer for layer in r["layers"] if layer["ok"]), r["layers"][0] if r["layers"] else None)
         desc = (f"`{ex['layer']}` (H={ex['num_heads']}): {', '.join(ex['head_groups']) or '-'} / "
                 f"{', '.join(ex['head_dim_groups']) or '-'}") if ex else "-"
+        per_head = f"{r['per_head_groups']} / {r['head_dim_groups']}" if "per_head_groups" in r else "-"
         lines.append(f"| {r['model']} | {'x'.join(map(str, r['input']))} | {r['groups']} | "
-                     f"{r['attention_layers']} | {r['layers_ok']} | {desc} |")
+                     f"{r['attention_layers']} | {r['layers_ok']} | {desc} | {per_head} |")
     ok = sum(1 for r in rows if "error" not in r and r["layers_ok"] == r["attention_layers"])
-    lines += ["", f"{ok} of {len(rows)} models have head + head_dim groups in every attention layer.", ""]
+    lines += ["", f"{ok} of {len(rows)} models have head + head_dim groups in every attention layer.",
+              f"{sum(r.get('per_head_groups', 0) for r in rows)} of "
+              f"{sum(r.get('head_dim_groups', 0) for r in rows)} head_dim groups take one permutation per head.", ""]
     return "\n".join(lines + NOTES) + "\n"
 
 

@@ -40,7 +40,9 @@ ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 METHODS = ("identity", "weight", "activation", "sinkhorn", "sinkhorn_loss", "ste")
 # on request: activation matching on all sites (features="all"); the same with the statistics also
 # taken over the training inputs shifted by one pixel (sample) each way along each spatial dim
-EXTRA_METHODS = ("activation_all", "activation_shift")
+# weight_heads / activation_heads: the same matchers on a hierarchical spec (trace(hierarchical=True):
+# one head_dim permutation per attention head; identical to weight / activation on models without heads)
+EXTRA_METHODS = ("activation_all", "activation_shift", "weight_heads", "activation_heads")
 
 
 def digits(seed=0):
@@ -101,6 +103,8 @@ def shifted(batches):
 
 def match_options(method, data, data_xy, steps):
     """``autoperm.match`` keyword arguments for one benchmark method."""
+    if method.endswith("_heads"):
+        return match_options(method[:-len("_heads")], data, data_xy, steps)
     if method == "sinkhorn":
         return dict(method="sinkhorn", steps=steps)
     if method in ("sinkhorn_loss", "ste"):
@@ -135,8 +139,10 @@ def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None, lr
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
     norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale"]
     spec = autoperm.trace(a, xte[:4])
+    spec_heads = autoperm.trace(a, xte[:4], hierarchical=True) if any(m.endswith("_heads") for m in methods) else None
     for method in methods:
-        al = autoperm.match(a, b, spec, **match_options(method, data, data_xy, steps))
+        al = autoperm.match(a, b, spec_heads if method.endswith("_heads") else spec,
+                            **match_options(method, data, data_xy, steps))
         for norm in norms:
             curve = autoperm.interpolate(a, b, ALPHAS, ev, method=al.method, alignment=al, normalize=norm,
                                          data=data if norm else None)
@@ -173,7 +179,9 @@ def render(rows, args):
              "sinkhorn_loss and ste: midpoint cross-entropy on the training batches; activation_all (where run): "
              "activation matching on all sites (`features=\"all\"`: residual sums and normalized values too); "
              "activation_shift (where run): the same with its statistics taken over the training inputs and their "
-             "copies rolled by one pixel (sample) each way along each spatial dim (REPAIR / RESET data unchanged)"
+             "copies rolled by one pixel (sample) each way along each spatial dim (REPAIR / RESET data unchanged); "
+             "METHOD_heads (where run): METHOD on the spec traced with `hierarchical=True`, so that weight and "
+             "activation matching refine each attention head's head_dim permutation on its own"
              f"{'' if args.steps is None else f', {args.steps} steps'}. With `--append`, rows come from separate runs "
              "(`--models` / `--methods` subsets, same epochs and seeds): each table lists the methods run for "
              "that model.", ""]

@@ -31,7 +31,9 @@ def test_valid_spec_passes():
     (lambda s: s.groups.append(PermGroup("g", 4, [Axis("a.weight", 2)])), "no dim 2"),
     (lambda s: s.groups.append(PermGroup("g", 2, [Axis("b.weight", 0, offset=1)])), "do not fit"),
     (lambda s: s.groups.append(PermGroup("g", 0, [])), "sizes must be"),
-    (lambda s: s.groups.append(PermGroup("g", 2, [], parent="h")), "hierarchical"),
+    (lambda s: s.groups.append(PermGroup("g", 2, [], parent="nope")), "not a group without a parent"),
+    (lambda s: s.groups.append(PermGroup("g", 3, [Axis("a.weight", 1)], parent="h")), "not a multiple"),
+    (lambda s: s.groups.append(PermGroup("g", 2, [Axis("b.weight", 0)], parent="h")), "not a multiple"),
 ])
 def test_validate_names_the_violation(mutate, message):
     spec = small_spec()

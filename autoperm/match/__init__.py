@@ -29,6 +29,7 @@ from .sinkhorn import sinkhorn_matching
 from .ste import ste_matching
 from .assignment import solve_assignment, unit_matrix
 from .weight import weight_matching
+from .hierarchical import REFINED, has_children, refine_children  # noqa: E402  (uses the matchers above)
 
 __all__ = ["Alignment", "MatchContext", "METHODS", "NEEDS_DATA", "NEEDS_GRAPH", "DEFAULT_STEPS", "DEFAULT_LR",
            "check_method_args", "activation_matching", "sinkhorn_matching", "ste_matching", "solve_assignment",
@@ -162,4 +163,8 @@ def check_method_args(method: str, data: Any, loss_fn: Any, steps: Any = None, l
 
 def run_matcher(method: str, ctx: MatchContext) -> tuple[dict[str, torch.Tensor], list[float]]:
     check_method_args(method, ctx.data, ctx.loss_fn, ctx.steps, ctx.lr, ctx.n_inputs, ctx.starts, ctx.tol)
-    return METHODS[method](ctx)
+    perms, history = METHODS[method](ctx)
+    if method in REFINED and has_children(ctx.spec):  # one head_dim permutation per head
+        perms, more = refine_children(method, ctx, perms)
+        history = history + more
+    return perms, history

@@ -100,10 +100,9 @@ def sinkhorn_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor]
     ``objective`` is ``None`` for the weight distance, or a callable ``objective(aligned_b, step)
     -> scalar`` (`autoperm.match._loss.MidpointLoss`). ``init`` (hard permutations) starts the
     logits at ``5 * P`` instead of zero. Returns the hardened permutations and the objective
-    per step.
+    per step. A child group (hierarchical spec) is learned as one permutation shared by every
+    parent slot, which is always sound.
     """
-    if any(g.parent is not None for g in spec.groups):
-        raise NotImplementedError("method='sinkhorn' does not support hierarchical groups yet")
     check_budget(steps, lr)
     gen = torch.Generator().manual_seed(int(seed))
     ref = next(iter(state_a.values()))

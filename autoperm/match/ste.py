@@ -11,7 +11,8 @@ Learned weights ``W`` (initialized to model A's) stand in for model B. Each step
    the gradient goes to ``W``;
 3. one Adam step on ``W`` with the midpoint loss ``loss_fn(outputs, target)``.
 
-The answer is the projection of the final ``W``. Only the float tensors the spec touches are
+The answer is the projection of the final ``W``. With a hierarchical spec each projection also
+refines the head_dim permutations per head (`autoperm.match.hierarchical.refine_weight`). Only the float tensors the spec touches are
 learned; the others are interpolated as they are. The forward runs with
 ``torch.func.functional_call`` on a copy of model A (`autoperm.match._loss.MidpointLoss`).
 
@@ -31,6 +32,7 @@ import torch
 from ..permute import permute_state_dict
 from ..spec import PermutationSpec
 from ._loss import check_budget, descend, touched_float_keys
+from .hierarchical import has_children, refine_weight
 from .weight import weight_matching
 
 __all__ = ["ste_matching"]
@@ -51,15 +53,20 @@ def ste_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], sta
     b = {k: v.detach() for k, v in state_b.items()}
     learned = {k: a[k].clone().requires_grad_(True) for k in touched_float_keys(spec, b)}
     perms = None
+    flat = None  # the last projection before its per-head refinement (warm start of the next)
 
     def project(init):
+        nonlocal flat
         target = dict(a)
         target.update({k: w.detach() for k, w in learned.items()})
-        return weight_matching(spec, target, b, seed=seed, max_iter=max_iter, init=init)[0]
+        flat = weight_matching(spec, target, b, seed=seed, max_iter=max_iter, init=init)[0]
+        if not has_children(spec):
+            return flat
+        return refine_weight(spec, target, b, flat, seed=seed, max_iter=max_iter)[0]
 
     def value_at(step):
         nonlocal perms
-        perms = project(perms)
+        perms = project(flat)
         hard = permute_state_dict(b, spec, perms)
         through = dict(hard)
         for k, w in learned.items():
@@ -68,4 +75,4 @@ def ste_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], sta
 
     history = descend(list(learned.values()), value_at, steps=steps, lr=lr, log=log, desc="ste",
                       what="midpoint loss")
-    return project(perms), history
+    return project(flat), history

@@ -50,6 +50,7 @@ from ..errors import AutopermError
 from ..frontend import TracedGraph, capture, normalize_inputs
 from ..permute import apply_axis, unit_rows
 from ..verify import output_error
+from ..match.hierarchical import absorb_children
 from .emit import buffer_keys, emit, graph_from_traced, output_spec
 from .partial_graph import check_shapes, contraction_dims, locality, node_layouts, param_layouts, patch_sizes
 from .partial_widen import WidenError, buffer_count, extend_assignment, keep_alignment, widen_dim, widen_state
@@ -214,6 +215,8 @@ def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
     state_a = {k: v.detach() for k, v in model_a.state_dict().items()}
     state_b = {k: v.detach() for k, v in model_b.state_dict().items()}
     perms = alignment.perms
+    if any(p.dim() == 2 for p in perms.values()):  # per-head head_dim: fold into B, keep one per group
+        state_b, perms = absorb_children(spec, state_b, perms)
     while True:
         wanted = {g.name for g in spec.groups if g.name not in frozen and buffer_count(gammas[g.name], g.size) > 0}
         sims = _similarities(spec, tg, sites, wanted, state_a, state_b, perms, data, len(inputs), similarity)
