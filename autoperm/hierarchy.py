@@ -14,13 +14,20 @@ is always sound) unless all of the following hold:
    (a ``LayerNorm(head_dim)`` weight shared by the heads, a mean over heads, a key broadcast to all
    heads) forces one permutation for all heads.
 2. *Every op that touches such a value is head-local.* Its rule is in `LOCAL_RULES`
-   (elementwise, casts, views, dim reorders, linear / matmul / attention, reductions, layer norm,
-   cat / split / select / getitem), and within the op the P dims of all its L-holding values are
-   joined by the op's own constraints (so an output element of head h reads only head h's
-   inputs: a cross-head product such as ``einsum('bhnd,bgnd->bhgn')`` fails here).
+   (elementwise, casts, views, dim reorders, linear / matmul / attention, convolution, batch and
+   layer norm, reductions, cat / split / select / getitem; einsum is not trusted), and within the
+   op the P dims of all its L-holding values are joined by the op's own constraints (so an
+   output element of head h reads only head h's inputs). A product (linear, matmul, attention, convolution, batch norm)
+   pairs slots by argument role, which atoms cannot show when one value fills two roles
+   (``sdpa(t, t, t)`` with the heads as the sequence, ``linear(m, m)``): there the parent must
+   sit in the child's own dim or in a batch dim of every operand holding the child, never in a
+   dim the product mixes (review finding; tests/test_hierarchy.py).
 3. *No op mixes along P separately from L.* A softmax or layer norm over the heads dim with
    head_dim elsewhere reads other heads' features (over both together it is symmetric, so fine).
    Reductions need no check: a sum over heads that keeps head_dim fails 1.
+
+The same holds for a grouped convolution's within-group output units (child) and its group index
+(parent): output unit (g, u) reads only group g's inputs and weight row (g, u).
 
 Then each op is equivariant under one head_dim permutation per head: restricted to one head, it
 is the shared-permutation case the flat rules already prove. Parameters must also hold the child
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 LOCAL_RULES = frozenset({
     "elementwise", "cast", "reshape", "reorder", "expand", "linear", "matmul", "addmm", "sdpa", "getitem",
     "cat", "stack", "split", "unbind", "select", "slice_", "narrow", "reduction", "layer_norm",
+    "conv", "convolution", "batch_norm",
 })
 _SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax"}
 
@@ -127,9 +135,11 @@ def _coordinate(dim_size: int, blocks, parent: int) -> np.ndarray:
     return pmap
 
 
-def _anchor(atoms: list[int], lay: _Layouts, child: int, parent: int, psize: int, param: bool) -> int | None:
-    """The atom of this tensor that carries the parent coordinate of its child slots (condition 1);
-    None if the tensor holds no child slot. Raises `_Bad` when a child slot has no single parent
+def _anchor(atoms: list[int], lay: _Layouts, child: int, parent: int, psize: int,
+            param: bool) -> tuple[int, int, int] | None:
+    """``(atom, child dim, parent dim)``: the atom of this tensor that carries the parent coordinate
+    of its child slots, and the dims holding the child and the parent (condition 1); None if the
+    tensor holds no child slot. Raises `_Bad` when a child slot has no single parent
     coordinate (or, for a parameter, not one `autoperm.spec.Axis` can name)."""
     child_dims = [d for d, a in enumerate(atoms) if child in lay.leaves(a)]
     if not child_dims:
@@ -151,9 +161,9 @@ def _anchor(atoms: list[int], lay: _Layouts, child: int, parent: int, psize: int
                 raise _Bad("a parameter's child layout is not chunked by parent slot")
         if sum(outer * csize * inner for leaf, _, outer, csize, inner in blocks if leaf == child) == 0:
             raise _Bad("child slots in a dim without a layout")
-        return atoms[d]
+        return atoms[d], d, d
     if len(parent_dims) == 1 and parent_dims != [d] and not param and lay.prod_factor(atoms[parent_dims[0]], parent):
-        return atoms[parent_dims[0]]
+        return atoms[parent_dims[0]], d, parent_dims[0]
     raise _Bad("child slots without a single parent coordinate")
 
 
@@ -174,6 +184,42 @@ def _mixes_parent_only(node: torch.fx.Node, values: dict, lay: _Layouts, child: 
         return False
     leaves = set().union(*(lay.leaves(a) for a in mixed)) if mixed else set()
     return parent in leaves and child not in leaves
+
+
+# Products: argument name -> the dims (from the end) where the parent may sit apart from the child
+# without being mixed: the batch dims, aligned position by position across the operands.
+_BATCH_FROM_END = {"linear": {"input": 1}, "matmul": {"self": 2, "other": 2, "mat2": 2},
+                   "addmm": {"mat1": 2, "mat2": 2, "batch1": 2, "batch2": 2, "mat": 2, "vec": 1},
+                   "sdpa": {"query": 2, "key": 2, "value": 2}, "conv": {}, "convolution": {}, "batch_norm": {}}
+
+
+def _misplaced(node: torch.fx.Node, rule: str, values: dict, anchors: dict) -> str | None:
+    """Products pair slots by argument role, not by atom: an operand filling two roles (``sdpa(t, t,
+    t)``, ``linear(m, m)``) has one atom for two dims the op does not align. So in a product every
+    operand holding the child must hold the parent in the child's own dim (a flattened
+    ``heads * head_dim``, contracted or carried as a whole) or in a batch dim (aligned across the
+    operands and the output); never in a dim the product mixes (rows, columns, sequence)."""
+    if rule not in _BATCH_FROM_END:
+        return None
+    batch = _BATCH_FROM_END[rule]
+    args = dict(zip([a.name for a in node.target._schema.arguments], node.args)) if hasattr(node.target, "_schema") \
+        else {}
+    args.update(node.kwargs)
+    for name, arg in args.items():
+        if not isinstance(arg, torch.fx.Node):
+            continue
+        atoms = values.get(arg)
+        if not (isinstance(atoms, list) and all(isinstance(a, int) for a in atoms)):
+            continue
+        got = anchors.get(id(atoms))
+        if got is None:
+            continue
+        _, dc, dp = got
+        if dp == dc:
+            continue
+        if name not in batch or dp >= len(atoms) - batch[name] or dc >= len(atoms) - batch[name] and rule == "linear":
+            return f"the parent sits in a dim that {packet_name(node.target)} mixes (argument {name!r})"
+    return None
 
 
 def _joined(cons: list[Constraint], anchors: list[int]) -> bool:
@@ -220,7 +266,7 @@ def _check(child: int, parent: int, psize: int, graph, values: dict, node_cons: 
         if node.op != "call_function":
             continue
         held = [anchors.get(id(t)) for t in _operands(node, values)]
-        held = [a for a in held if a is not None]
+        held = [a[0] for a in held if a is not None]
         if not held:
             continue
         entry = rule_for(node.target)
@@ -228,6 +274,9 @@ def _check(child: int, parent: int, psize: int, graph, values: dict, node_cons: 
             raise _Bad(f"{node.name} ({packet_name(node.target)}) is not a head-local op")
         if _mixes_parent_only(node, values, lay, child, parent):
             raise _Bad(f"{node.name} mixes along the parent dim alone")
+        role = _misplaced(node, entry.fn.__name__, values, anchors)
+        if role:
+            raise _Bad(f"{node.name}: {role}")
         if not _joined(node_cons.get(node, []), held):
             raise _Bad(f"{node.name} pairs child slots of different parent slots")
 

@@ -259,3 +259,95 @@ def test_cli_per_head_spec_and_merge(tmp_path, capsys):
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
     flat = autoperm.merge(models[0], models[1], example_inputs=torch.randn(2, 5, 16)).state_dict()
     assert not all(torch.allclose(got[k], flat[k], atol=1e-6) for k in flat)  # per-head alignment differs
+
+
+class GroupedBlock(nn.Module):
+    """ResNeXt-style: dense 1x1, grouped 3x3 (4 groups), dense 1x1 (``twice``: a second grouped conv
+    reads the first one's within-group units, which must then be shared by all groups)."""
+
+    def __init__(self, twice=False):
+        super().__init__()
+        self.twice = twice
+        self.c1, self.b1 = nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16)
+        self.c2b = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.c3, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.b2(self.c2(self.b1(self.c1(x)).relu())).relu()
+        if self.twice:
+            y = self.c2b(y).relu()
+        return self.fc((x + self.c3(y)).mean((2, 3)))
+
+
+def test_grouped_conv_gets_one_permutation_per_group():
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(0))
+    model = GroupedBlock().eval()
+    spec = autoperm.trace(model, x, hierarchical=True)
+    assert _children(spec) == {"c2": "c1"}  # c2's 4 units per group, one permutation per group
+    m64 = perturbed(model, seed=2)
+    perms = random_permutation(spec, seed=3, derangement=True)
+    assert perms["c2"].shape == (4, 4)
+    assert check_equivalence(m64, spec, perms, (x.double(),)) < 1e-10
+    planted = permute(m64, spec, perms)
+    al = autoperm.match(m64, planted, spec, method="weight")
+    back = permute(planted, spec, al.perms).state_dict()
+    assert all(torch.allclose(back[k], v, atol=1e-10) for k, v in m64.state_dict().items())
+    # negative control: a second grouped conv reads c2's within-group units with one weight slice
+    # for all groups, so they stay shared, and per-group permutations there change the output
+    twice = GroupedBlock(twice=True).eval()
+    spec2 = autoperm.trace(twice, x, hierarchical=True)
+    assert spec2.group("c2").parent is None
+    forced = copy.deepcopy(spec2)
+    forced.group("c2").axes = [a for a in forced.group("c2").axes if a.tensor != "c2b.weight"]
+    forced.group("c2").parent = "c1"
+    forced.validate()
+    perms = autoperm.identity_permutation(forced)
+    perms["c2"] = random_permutation(forced, seed=1, derangement=True)["c2"]
+    perms["c2"][0] = torch.arange(4)  # group 0 unmoved, so c2b's unpermuted input slice fits it
+    assert check_equivalence(perturbed(twice, seed=2), forced, perms, (x.double(),)) > 1e-3
+
+
+class HeadsAsSequence(nn.Module):
+    """One value in two roles of a product (review finding): ``sdpa(t, t, t)`` with the heads in
+    the sequence dim, and ``linear(m, m)`` comparing every pair of heads' means."""
+
+    def __init__(self, mode, dim=16, heads=4):
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, -1) for p in (self.q, self.k, self.v))
+        if self.mode == "sdpa_self":
+            o = F.scaled_dot_product_attention(q, q, q)  # attends across heads
+        else:
+            qt = q.transpose(1, 2)
+            gate = F.linear(qt.mean((0, 2)), qt.mean((0, 2))).sum(-1)  # <m_h, m_g> summed over g
+            o = (F.scaled_dot_product_attention(qt, k.transpose(1, 2), v.transpose(1, 2))
+                 * gate.view(1, -1, 1, 1)).transpose(1, 2)
+        return self.fc(self.o(o.reshape(b, n, d)).relu())
+
+
+@pytest.mark.parametrize("mode, dim", [("sdpa_self", 16), ("sdpa_self", 8), ("linear_gram", 16)])
+def test_one_value_in_two_roles_of_a_product_keeps_head_dim_shared(mode, dim):
+    model = HeadsAsSequence(mode, dim=dim).eval()
+    x = torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(0))
+    spec = autoperm.trace(model, x, hierarchical=True)
+    assert spec.group("q#1").parent is None  # q's head_dim (heads: group "q") stays shared
+    m64 = perturbed(model, seed=1)
+    for seed in range(3):
+        assert check_equivalence(m64, spec, random_permutation(spec, seed=seed), (x.double(),)) < 1e-10
+    if mode == "sdpa_self":
+        assert not _children(spec)
+    else:
+        assert spec.group("v").parent == "q"  # v never meets the cross-head product
+    # negative control: rows that differ from head to head (row 0 kept) change the function
+    forced = copy.deepcopy(spec)
+    forced.group("q#1").parent = "q"
+    perms = autoperm.identity_permutation(forced)
+    perms["q#1"] = random_permutation(forced, seed=1, derangement=True)["q#1"]
+    perms["q#1"][0] = torch.arange(perms["q#1"].shape[1])
+    assert check_equivalence(m64, forced.validate(), perms, (x.double(),)) > 1e-3
