@@ -186,7 +186,7 @@ class PermutationSpec:
             if a.outer % parent.size:
                 raise SpecError(f"child group {g.name!r}: outer {a.outer} on {a.tensor!r} dim {a.dim} is not a "
                                 f"multiple of parent {parent.name!r}'s size {parent.size}")
-            coord = _parent_coordinates(parent, a.tensor, a.dim, a.offset + a.extent(g.size))
+            coord = parent_coordinates(parent, a.tensor, a.dim, a.offset + a.extent(g.size))
             chunk = a.outer // parent.size
             slots = torch.arange(a.extent(g.size)).view(a.outer, -1) + a.offset
             want = (torch.arange(a.outer) // chunk).view(-1, 1)
@@ -291,7 +291,7 @@ class PermutationSpec:
                 f"{len(self.shapes)} tensors)")
 
 
-def _parent_coordinates(parent: PermGroup, tensor: str, dim: int, length: int) -> "torch.Tensor":
+def parent_coordinates(parent: PermGroup, tensor: str, dim: int, length: int) -> "torch.Tensor":
     """For slots ``0 .. length-1`` of ``tensor``'s ``dim``: the parent slot holding each (-1: none)."""
     coord = torch.full((length,), -1, dtype=torch.long)
     for a in parent.axes:

@@ -351,3 +351,34 @@ def test_one_value_in_two_roles_of_a_product_keeps_head_dim_shared(mode, dim):
     perms["q#1"] = random_permutation(forced, seed=1, derangement=True)["q#1"]
     perms["q#1"][0] = torch.arange(perms["q#1"].shape[1])
     assert check_equivalence(m64, forced.validate(), perms, (x.double(),)) > 1e-3
+
+
+class FlatTokens(nn.Module):
+    """Attention whose output is flattened as (tokens, heads, head_dim) and layer-normed whole:
+    there the head_dim chunks cycle through the heads (review finding for features="all")."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n * d)
+        return self.fc(self.o(F.layer_norm(o, (n * d,)).view(b, n, d)).relu())
+
+
+@pytest.mark.parametrize("features", ["pre", "all"])
+def test_activation_refinement_uses_only_sites_chunked_by_head(features):
+    a = perturbed(FlatTokens().eval(), seed=1)
+    spec = autoperm.trace(a, _x().double(), hierarchical=True)
+    assert set(_children(spec)) == {"q#1", "v"}
+    data = [torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(i)).double() for i in range(3)]
+    for seed in (8, 9):
+        planted = random_permutation(spec, seed=seed, derangement=True)
+        b = permute(a, spec, planted)
+        al = autoperm.match(a, b, spec, method="activation", data=data, features=features)
+        back = permute(b, spec, al.perms).state_dict()
+        assert all(torch.allclose(back[k], v, atol=1e-10) for k, v in a.state_dict().items())

@@ -26,7 +26,7 @@ import torch
 
 from ..analysis import Site
 from ..permute import permute_state_dict
-from ..spec import Axis, PermGroup, PermutationSpec
+from ..spec import Axis, PermGroup, PermutationSpec, parent_coordinates
 
 __all__ = ["has_children", "expand_children", "expand_sites", "refine_children", "refine_weight", "absorb_children",
            "REFINED"]
@@ -67,21 +67,35 @@ def expand_children(spec: PermutationSpec, keep_others: bool = True) -> Permutat
 
 
 def expand_sites(spec: PermutationSpec, sites: Mapping[str, list[Site]]) -> dict[str, list[Site]]:
-    """Activation sites of `expand_children`'s per-slot groups: a child's sites whose outer
-    chunks are the parent's slots (a flattened ``heads * head_dim``); others are left out."""
+    """Activation sites of `expand_children`'s per-slot groups: a child's sites whose outer chunk
+    ``k // (outer / parent.size)`` is parent slot ``k`` there too (checked against the parent's
+    sites on the same value, as `autoperm.spec` checks parameters); others (a ``(tokens, heads,
+    head_dim)`` flattening, whose chunks cycle through the heads) are left out."""
     out: dict[str, list[Site]] = {}
     for g in spec.groups:
         if g.parent is None:
             continue
         m = spec.group(g.parent).size
         for s in sites.get(g.name, []):
-            if s.outer % m:
+            if s.outer % m or not _chunked_by_parent(s, g.size, m, sites.get(g.parent, [])):
                 continue
             chunk = s.outer // m
             for h in range(m):
                 out.setdefault(_slot_name(g.name, h), []).append(
                     dataclasses.replace(s, offset=s.offset + h * chunk * g.size * s.inner, outer=chunk))
     return out
+
+
+def _chunked_by_parent(s: Site, size: int, m: int, parent_sites: list[Site]) -> bool:
+    same = [p for p in parent_sites if p.node == s.node and p.dim == s.dim]
+    if not same:
+        return False
+    parent = PermGroup("parent", m, [Axis(s.node, s.dim, p.offset, p.outer, p.inner) for p in same])
+    extent = s.outer * size * s.inner
+    coord = parent_coordinates(parent, s.node, s.dim, s.offset + extent)
+    slots = torch.arange(extent).view(s.outer, -1) + s.offset
+    want = (torch.arange(s.outer) // (s.outer // m)).view(-1, 1)
+    return torch.equal(coord[slots], want.expand_as(slots))
 
 
 def _compose(spec: PermutationSpec, first: Mapping[str, torch.Tensor],
