@@ -217,7 +217,9 @@ def _misplaced(node: torch.fx.Node, rule: str, values: dict, anchors: dict) -> s
         _, dc, dp = got
         if dp == dc:
             continue
-        if name not in batch or dp >= len(atoms) - batch[name] or dc >= len(atoms) - batch[name] and rule == "linear":
+        first_mixed = len(atoms) - batch[name] if name in batch else 0  # dims from here on are mixed
+        # linear's weight has no batch dims, so a child contracted there cannot be paired by head
+        if dp >= first_mixed or (rule == "linear" and dc >= first_mixed):
             return f"the parent sits in a dim that {packet_name(node.target)} mixes (argument {name!r})"
     return None
 

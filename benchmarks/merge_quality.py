@@ -139,10 +139,12 @@ def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None, lr
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
     norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale"]
     spec = autoperm.trace(a, xte[:4])
-    spec_heads = autoperm.trace(a, xte[:4], hierarchical=True) if any(m.endswith("_heads") for m in methods) else None
+    spec_heads = autoperm.trace(a, xte[:4], hierarchical=True) \
+        if any(m.partition("@")[0].endswith("_heads") for m in methods) else None
     for method in methods:
-        al = autoperm.match(a, b, spec_heads if method.endswith("_heads") else spec,
-                            **match_options(method, data, data_xy, steps))
+        base, _, budget = method.partition("@")  # "ste_heads@1600": that method with 1600 steps
+        al = autoperm.match(a, b, spec_heads if base.endswith("_heads") else spec,
+                            **match_options(base, data, data_xy, int(budget) if budget else steps))
         for norm in norms:
             curve = autoperm.interpolate(a, b, ALPHAS, ev, method=al.method, alignment=al, normalize=norm,
                                          data=data if norm else None)
@@ -181,7 +183,8 @@ def render(rows, args):
              "activation_shift (where run): the same with its statistics taken over the training inputs and their "
              "copies rolled by one pixel (sample) each way along each spatial dim (REPAIR / RESET data unchanged); "
              "METHOD_heads (where run): METHOD on the spec traced with `hierarchical=True`, so that weight and "
-             "activation matching refine each attention head's head_dim permutation on its own"
+             "activation matching refine each attention head's head_dim permutation on its own (STE: in every "
+             "projection); METHOD@N: that method with a budget of N steps instead of the library's default"
              f"{'' if args.steps is None else f', {args.steps} steps'}. With `--append`, rows come from separate runs "
              "(`--models` / `--methods` subsets, same epochs and seeds): each table lists the methods run for "
              "that model.", ""]
