@@ -7,14 +7,17 @@ permutation per parent slot (every head, every conv group). The table lists the 
 (child) groups, their parents, and any error: an `UnsoundSpecError` here would be a bug of the
 analysis (`autoperm.hierarchy`).
 
-Usage: python benchmarks/hierarchy_zoo.py [--models torchvision:resnext50_32x4d ...] [--limit N]
-Writes benchmarks/results/hierarchy_zoo.md and .json.
+Usage: python benchmarks/hierarchy_zoo.py [--models torchvision:resnext50_32x4d ...] [--match REGEX] [--limit N]
+Writes benchmarks/results/hierarchy_zoo.md and .json. ``--match`` keeps the zoo models whose name
+matches (the run in results/ used `--match "$(cat benchmarks/hierarchy_zoo_match.txt)"`: attention,
+grouped-conv and related families, where parents can arise).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -44,10 +47,10 @@ def run(name: str, size) -> dict:
             "verify_error": spec.meta.get("verify_error"), "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], command: str = "python benchmarks/hierarchy_zoo.py") -> str:
     ok = [r for r in rows if "error" not in r]
     lines = ["# hierarchical groups across the zoo", "",
-             f"`python benchmarks/hierarchy_zoo.py` (torch {torch.__version__}, autoperm {autoperm.__version__}; "
+             f"`{command}` (torch {torch.__version__}, autoperm {autoperm.__version__}; "
              "inputs as in zoo_coverage.json). Each spec is traced with `hierarchical=True` and verified in "
              "float64 with a different random permutation per parent slot.", "",
              f"{len(ok)} of {len(rows)} models traced and verified; {sum(r['children'] > 0 for r in ok)} have "
@@ -67,11 +70,19 @@ def render(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=None, help="default: every model of zoo_coverage.json")
+    ap.add_argument("--match", default=None, help="keep the zoo models whose name matches this regex")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
+    command = "python benchmarks/hierarchy_zoo.py" + (' --match "$(cat benchmarks/hierarchy_zoo_match.txt)"'
+                                                      if args.match else "")
+    if args.render_only:
+        rows = json.loads((RESULTS / "hierarchy_zoo.json").read_text())
+        (RESULTS / "hierarchy_zoo.md").write_text(render(rows, command))
+        return
     torch.set_num_threads(1)
     zoo = _zoo_rows()
-    names = args.models or list(zoo)
+    names = args.models or [n for n in zoo if args.match is None or re.search(args.match, n)]
     rows = []
     for name in names[:args.limit]:
         try:
@@ -82,7 +93,7 @@ def main() -> None:
         print(name, row, flush=True)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "hierarchy_zoo.json").write_text(json.dumps(rows, indent=1))
-        (RESULTS / "hierarchy_zoo.md").write_text(render(rows))
+        (RESULTS / "hierarchy_zoo.md").write_text(render(rows, command))
 
 
 if __name__ == "__main__":
