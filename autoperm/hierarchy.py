@@ -47,11 +47,12 @@ import logging
 import operator
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 
+from .errors import SpecError
 from .ir import AtomTable, Compose, Constraint, Tie
 from .rules.base import packet_name, rule_for
+from .spec import block_slots, chunks_by_parent, slot_coordinates
 
 __all__ = ["LOCAL_RULES", "find_children"]
 
@@ -116,25 +117,6 @@ class _Layouts:
         return self.cache[r]
 
 
-def _slots(offset: int, outer: int, size: int, inner: int) -> np.ndarray:
-    """Slot indices of a block as an ``(outer, size, inner)`` array."""
-    return (offset + (np.arange(outer)[:, None, None] * size + np.arange(size)[None, :, None]) * inner
-            + np.arange(inner)[None, None, :])
-
-
-def _coordinate(dim_size: int, blocks, parent: int) -> np.ndarray:
-    """Parent coordinate of each slot of a dim (-1 where no parent block covers it)."""
-    pmap = np.full(dim_size, -1, dtype=np.int64)
-    for leaf, off, outer, size, inner in blocks:
-        if leaf != parent:
-            continue
-        idx = _slots(off, outer, size, inner)
-        if (pmap[idx] >= 0).any():
-            raise _Bad("two parent blocks cover one slot")
-        pmap[idx] = np.broadcast_to(np.arange(size)[None, :, None], idx.shape)
-    return pmap
-
-
 def _anchor(atoms: list[int], lay: _Layouts, child: int, parent: int, psize: int,
             param: bool) -> tuple[int, int, int] | None:
     """``(atom, child dim, parent dim)``: the atom of this tensor that carries the parent coordinate
@@ -150,14 +132,17 @@ def _anchor(atoms: list[int], lay: _Layouts, child: int, parent: int, psize: int
     parent_dims = [e for e, a in enumerate(atoms) if parent in lay.leaves(a)]
     size, blocks = lay(atoms[d])
     if parent_dims == [d] and size is not None:
-        pmap = _coordinate(size, blocks, parent)
+        try:
+            pmap = slot_coordinates([(o, out, i) for leaf, o, out, _, i in blocks if leaf == parent], psize, size)
+        except SpecError as e:
+            raise _Bad(str(e)) from None
         for leaf, off, outer, csize, inner in blocks:
             if leaf != child:
                 continue
-            coord = pmap[_slots(off, outer, csize, inner)].reshape(outer, -1)
+            coord = pmap[block_slots(off, outer, csize, inner)].reshape(outer, -1)
             if (coord < 0).any() or (coord != coord[:, :1]).any():
                 raise _Bad("a child chunk spans several parent slots or none")
-            if param and (outer % psize or (coord[:, 0] != np.arange(outer) // (outer // psize)).any()):
+            if param and not chunks_by_parent(pmap, off, outer, csize, inner, psize):
                 raise _Bad("a parameter's child layout is not chunked by parent slot")
         if sum(outer * csize * inner for leaf, _, outer, csize, inner in blocks if leaf == child) == 0:
             raise _Bad("child slots in a dim without a layout")

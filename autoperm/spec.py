@@ -186,11 +186,10 @@ class PermutationSpec:
             if a.outer % parent.size:
                 raise SpecError(f"child group {g.name!r}: outer {a.outer} on {a.tensor!r} dim {a.dim} is not a "
                                 f"multiple of parent {parent.name!r}'s size {parent.size}")
-            coord = parent_coordinates(parent, a.tensor, a.dim, a.offset + a.extent(g.size))
-            chunk = a.outer // parent.size
-            slots = torch.arange(a.extent(g.size)).view(a.outer, -1) + a.offset
-            want = (torch.arange(a.outer) // chunk).view(-1, 1)
-            if not torch.equal(coord[slots], want.expand_as(slots)):
+            coord = slot_coordinates([(p.offset, p.outer, p.inner) for p in parent.axes
+                                      if p.tensor == a.tensor and p.dim == a.dim], parent.size,
+                                     a.offset + a.extent(g.size))
+            if not chunks_by_parent(coord, a.offset, a.outer, g.size, a.inner, parent.size):
                 raise SpecError(f"child group {g.name!r}: its slots on {a.tensor!r} dim {a.dim} do not lie in "
                                 f"parent {parent.name!r}'s slots chunk by chunk")
 
@@ -291,17 +290,34 @@ class PermutationSpec:
                 f"{len(self.shapes)} tensors)")
 
 
-def parent_coordinates(parent: PermGroup, tensor: str, dim: int, length: int) -> "torch.Tensor":
-    """For slots ``0 .. length-1`` of ``tensor``'s ``dim``: the parent slot holding each (-1: none)."""
+def block_slots(offset: int, outer: int, size: int, inner: int) -> "torch.Tensor":
+    """Slot indices of an ``(outer, size, inner)`` block starting at ``offset``, in that shape."""
+    return (offset + (torch.arange(outer).view(-1, 1, 1) * size + torch.arange(size).view(1, -1, 1)) * inner
+            + torch.arange(inner).view(1, 1, -1))
+
+
+def slot_coordinates(blocks: Iterable[tuple[int, int, int]], size: int, length: int) -> "torch.Tensor":
+    """For slots ``0 .. length-1`` of a dim: which unit of a group of ``size`` holds each (-1: none),
+    given the group's ``(offset, outer, inner)`` blocks there. Raises `SpecError` when two blocks
+    cover one slot."""
     coord = torch.full((length,), -1, dtype=torch.long)
-    for a in parent.axes:
-        if a.tensor != tensor or a.dim != dim:
-            continue
-        idx = (a.offset + (torch.arange(a.outer).view(-1, 1, 1) * parent.size
-                           + torch.arange(parent.size).view(1, -1, 1)) * a.inner + torch.arange(a.inner).view(1, 1, -1))
+    for offset, outer, inner in blocks:
+        idx = block_slots(offset, outer, size, inner)
         keep = idx < length
-        coord[idx[keep]] = torch.arange(parent.size).view(1, -1, 1).expand_as(idx)[keep]
+        if (coord[idx[keep]] >= 0).any():
+            raise SpecError("two blocks of the parent cover one slot")
+        coord[idx[keep]] = torch.arange(size).view(1, -1, 1).expand_as(idx)[keep]
     return coord
+
+
+def chunks_by_parent(coord: "torch.Tensor", offset: int, outer: int, size: int, inner: int, m: int) -> bool:
+    """Do a child block's outer chunks lie in parent slots ``k // (outer / m)`` (``coord`` from
+    `slot_coordinates` of the parent's blocks on the same dim)?"""
+    if outer % m:
+        return False
+    slots = block_slots(offset, outer, size, inner).reshape(outer, -1)
+    want = (torch.arange(outer) // (outer // m)).view(-1, 1)
+    return bool(slots.max() < coord.numel()) and torch.equal(coord[slots], want.expand_as(slots))
 
 
 def _check_overlaps(tensor: str, dim: int, items: Iterable[tuple[str, int, int, int, int]]) -> None:

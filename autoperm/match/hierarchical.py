@@ -26,7 +26,9 @@ import torch
 
 from ..analysis import Site
 from ..permute import permute_state_dict
-from ..spec import Axis, PermGroup, PermutationSpec, parent_coordinates
+from ..errors import SpecError
+from ..permute import compose, invert
+from ..spec import Axis, PermGroup, PermutationSpec, chunks_by_parent, slot_coordinates
 
 __all__ = ["has_children", "expand_children", "expand_sites", "refine_children", "refine_weight", "absorb_children",
            "REFINED"]
@@ -87,29 +89,26 @@ def expand_sites(spec: PermutationSpec, sites: Mapping[str, list[Site]]) -> dict
 
 
 def _chunked_by_parent(s: Site, size: int, m: int, parent_sites: list[Site]) -> bool:
-    same = [p for p in parent_sites if p.node == s.node and p.dim == s.dim]
-    if not same:
+    same = [(p.offset, p.outer, p.inner) for p in parent_sites if p.node == s.node and p.dim == s.dim]
+    try:
+        coord = slot_coordinates(same, m, s.offset + s.outer * size * s.inner)
+    except SpecError:
         return False
-    parent = PermGroup("parent", m, [Axis(s.node, s.dim, p.offset, p.outer, p.inner) for p in same])
-    extent = s.outer * size * s.inner
-    coord = parent_coordinates(parent, s.node, s.dim, s.offset + extent)
-    slots = torch.arange(extent).view(s.outer, -1) + s.offset
-    want = (torch.arange(s.outer) // (s.outer // m)).view(-1, 1)
-    return torch.equal(coord[slots], want.expand_as(slots))
+    return bool(same) and chunks_by_parent(coord, s.offset, s.outer, size, s.inner, m)
 
 
 def _compose(spec: PermutationSpec, first: Mapping[str, torch.Tensor],
              second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = dict(first)
+    """``first`` then the refinement ``second`` (keyed by `expand_children`'s names; parents and
+    groups it left out stay in place)."""
+    step = {}
     for g in spec.groups:
         if g.parent is not None:
-            m = spec.group(g.parent).size
-            rows = [second.get(_slot_name(g.name, h), torch.arange(g.size)) for h in range(m)]
-            base = first[g.name] if first[g.name].dim() == 2 else first[g.name].expand(m, -1)
-            out[g.name] = torch.stack([base[h][r] for h, r in enumerate(rows)])
-        elif g.name in second:
-            out[g.name] = first[g.name][second[g.name]]
-    return out
+            step[g.name] = torch.stack([second.get(_slot_name(g.name, h), torch.arange(g.size))
+                                        for h in range(spec.group(g.parent).size)])
+        else:
+            step[g.name] = second.get(g.name, torch.arange(g.size))
+    return compose(first, step, spec)
 
 
 def refine_children(method: str, ctx, perms: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -163,9 +162,6 @@ def absorb_children(spec: PermutationSpec, state_b: Mapping[str, torch.Tensor],
         if g.parent is None or p.dim() == 1:
             pre[g.name] = torch.arange(g.size)
             continue
-        parent = perms[g.parent]
-        inv = torch.empty_like(parent)
-        inv[parent] = torch.arange(parent.numel(), dtype=parent.dtype)
-        pre[g.name] = p[inv.to(p.device)]
+        pre[g.name] = p[invert({g.parent: perms[g.parent]})[g.parent].to(p.device)]
         flat[g.name] = torch.arange(g.size)
     return permute_state_dict(state_b, spec, pre), flat

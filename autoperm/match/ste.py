@@ -12,8 +12,8 @@ Learned weights ``W`` (initialized to model A's) stand in for model B. Each step
 3. one Adam step on ``W`` with the midpoint loss ``loss_fn(outputs, target)``.
 
 The answer is the projection of the final ``W``. With a hierarchical spec each projection also
-refines the head_dim permutations per head (`autoperm.match.hierarchical.refine_weight`). Only the float tensors the spec touches are
-learned; the others are interpolated as they are. The forward runs with
+refines the head_dim permutations per head (`autoperm.match.hierarchical.refine_weight`). Only
+the float tensors the spec touches are learned; the others are interpolated as they are. The forward runs with
 ``torch.func.functional_call`` on a copy of model A (`autoperm.match._loss.MidpointLoss`).
 
 Example::
@@ -52,7 +52,6 @@ def ste_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], sta
     a = {k: v.detach() for k, v in state_a.items()}
     b = {k: v.detach() for k, v in state_b.items()}
     learned = {k: a[k].clone().requires_grad_(True) for k in touched_float_keys(spec, b)}
-    perms = None
     flat = None  # the last projection before its per-head refinement (warm start of the next)
 
     def project(init):
@@ -65,7 +64,6 @@ def ste_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor], sta
         return refine_weight(spec, target, b, flat, seed=seed, max_iter=max_iter)[0]
 
     def value_at(step):
-        nonlocal perms
         perms = project(flat)
         hard = permute_state_dict(b, spec, perms)
         through = dict(hard)
