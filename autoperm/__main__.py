@@ -8,7 +8,6 @@ The subcommands live in `autoperm.cli`. Example::
 from __future__ import annotations
 
 import sys
-from typing import Sequence
 
 from .cli import EXIT_CODES, main
 

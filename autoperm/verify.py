@@ -77,10 +77,13 @@ def check_equivalence(model: nn.Module, spec: PermutationSpec, perms: Mapping[st
                       inputs: Sequence[torch.Tensor]) -> float:
     """Relative output error of ``permute(model, spec, perms)`` against ``model`` on ``inputs``.
 
-    Run in the model's own dtype; pass a float64 model (`perturbed`) for a tight check.
+    Run in the model's own dtype; pass a float64 model (`perturbed`) for a tight check. The
+    permuted copy is taken before the reference call, so that a model writing its buffers in
+    ``forward`` (a running average, a step counter) starts both calls from the same state.
     """
+    permuted = permute(model, spec, perms)
     ref = model(*inputs)
-    got = permute(model, spec, perms)(*inputs)
+    got = permuted(*inputs)
     return output_error(ref, got)
 
 

@@ -851,7 +851,6 @@ def main():
     import warnings
 
     warnings.filterwarnings("ignore")
-    import torch
 
     cfg = {"skip_peers": args.skip_peers, "trace_timeout": args.trace_timeout, "verify_timeout": args.verify_timeout,
            "rebasin_timeout": args.rebasin_timeout, "rebasin_iterations": args.rebasin_iterations,

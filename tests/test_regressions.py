@@ -215,3 +215,36 @@ def test_buffer_written_in_forward_is_not_treated_as_constant():
     a, b = copy.deepcopy(m64), autoperm.permute(copy.deepcopy(m64), spec, perms)
     for _ in range(5):
         assert torch.allclose(a(x.double()), b(x.double()))
+
+
+class RunningMean(nn.Module):
+    """Adds a running mean of its hidden units, updated in every call, to those units."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x)) + self.ema
+        self.ema.copy_(0.5 * self.ema + 0.5 * h.mean(0).detach())
+        return self.fc2(h)
+
+
+def test_buffer_written_in_forward_verifies_from_one_state():
+    """verify_spec ran the reference first and permuted the model afterwards, so the permuted
+    copy carried the updated running mean: trace raised UnsoundSpecError on this model (even for
+    a spec that moves nothing), and a sound hand-written spec failed verification."""
+    model, x = RunningMean(), torch.randn(5, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    autoperm.trace(model, x)  # raised UnsoundSpecError before the mend
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the caller's buffer
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    axes = [autoperm.Axis("fc1.weight", 0), autoperm.Axis("fc1.bias", 0), autoperm.Axis("fc2.weight", 1)]
+    sound = autoperm.PermutationSpec([autoperm.PermGroup("h", 8, axes + [autoperm.Axis("ema", 0)])], shapes=shapes)
+    report = autoperm.verify_spec(model, sound, (x,))
+    assert report.error < 1e-10
+    # negative control: the running mean left out of the group changes the output
+    broken = autoperm.PermutationSpec([autoperm.PermGroup("h", 8, axes)], shapes=shapes)
+    with pytest.raises(autoperm.UnsoundSpecError):
+        autoperm.verify_spec(model, broken, (x,))
