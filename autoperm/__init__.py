@@ -9,7 +9,7 @@ Public API (see docs/api.md)::
 
 from .api import trace
 from .curve import Curve, accuracy_barrier, interpolate, loss_barrier
-from .diagnose import Diagnosis, diagnose, repair
+from .diagnose import Diagnosis, DiagnosisRow, diagnose, repair
 from .errors import (AnalysisError, AutopermError, ExampleInputError, PermutationError, ShapeMismatchError,
                      SpecError, TraceError, UnsoundSpecError, UnsupportedOpError)
 from .match import Alignment
@@ -21,7 +21,7 @@ from .rules import RULES, RuleContext, register_rule
 from .rewrite import insert_perm_layers
 from .rewrite.partial import Partial
 from .spec import Axis, Frozen, PermGroup, PermutationSpec
-from .verify import check_equivalence, perturbed, verify_spec
+from .verify import VerifyReport, check_equivalence, perturbed, verify_spec
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,6 @@ __all__ = [
     "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",
     "check_equivalence", "coverage", "Coverage", "verify_spec", "perturbed", "AutopermError", "TraceError", "ExampleInputError",
     "UnsupportedOpError", "AnalysisError", "SpecError", "ShapeMismatchError", "PermutationError",
-    "UnsoundSpecError", "insert_perm_layers", "Partial", "diagnose", "Diagnosis", "repair", "__version__",
+    "UnsoundSpecError", "insert_perm_layers", "Partial", "diagnose", "Diagnosis", "DiagnosisRow", "repair", "VerifyReport",
+    "__version__",
 ]

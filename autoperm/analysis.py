@@ -31,7 +31,7 @@ from ._invariance import constant_dims
 from .errors import AnalysisError, UnsupportedOpError
 from .frontend import TracedGraph, node_origin
 from .hierarchy import find_children
-from .ir import AtomTable
+from .ir import AtomTable, _same as same_size
 from .rules.base import RuleContext, op_name, rule_for, sizes_of
 from .rules.base import packet_name as _packet_name
 from .spec import Axis, Frozen, PermGroup, PermutationSpec
@@ -89,6 +89,23 @@ def _node_tensors(node: torch.fx.Node, values: dict) -> list[int]:
     return out
 
 
+def _tie_buffer_write(tg: TracedGraph, table: AtomTable, values: dict, node: torch.fx.Node) -> bool:
+    """A graph output that is only a buffer's new value: the next call reads it as that buffer, so
+    it must move as the buffer moves (tied dim by dim), not stay in place. False if it is not one."""
+    source = tg.writes.get(node.name)
+    if source is None:
+        return False
+    buffer = next((n for n in tg.graph.nodes if n.op == "placeholder" and n.name == source), None)
+    new, old = values.get(node), values.get(buffer) if buffer is not None else None
+    if not (isinstance(new, list) and isinstance(old, list) and len(new) == len(old)
+            and all(isinstance(a, int) for a in new + old) and all(same_size(table.size(a), table.size(b))
+                                                                   for a, b in zip(new, old))):
+        return False
+    for a, b in zip(new, old):
+        table.tie(a, b)
+    return True
+
+
 def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Counter,
                record: dict | None = None) -> None:
     for node in tg.graph.nodes:
@@ -96,8 +113,10 @@ def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Cou
             values[node] = _fresh(table, node.meta.get("val"))
             continue
         if node.op == "output":
-            for a in _flat([values.get(n) for n in node.all_input_nodes]):
-                table.freeze(a, "model output")
+            for n in node.all_input_nodes:
+                if not _tie_buffer_write(tg, table, values, n):
+                    for a in _flat(values.get(n)):
+                        table.freeze(a, "model output")
             continue
         values[node] = _fresh(table, node.meta.get("val"))
         origin = node_origin(node)
@@ -130,6 +149,11 @@ def _freeze_interface(tg: TracedGraph, table: AtomTable, values: dict) -> None:
     for name in tg.user_inputs:
         for a in _flat(values.get(by_name[name])):
             table.freeze(a, "model input")
+    for name, key in tg.state_keys.items():
+        why = tg.unrecorded.get(key)
+        if why is not None:
+            for a in _flat(values.get(by_name[name])):
+                table.freeze(a, why)
     for name, why in tg.keyless.items():
         atoms = values.get(by_name[name])
         value = tg.constants.get(name) if name in tg.buffers else None
@@ -139,7 +163,9 @@ def _freeze_interface(tg: TracedGraph, table: AtomTable, values: dict) -> None:
             if d not in free:  # a dim the tensor is constant along is left unchanged by any permutation
                 table.freeze(a, why)
     canon_of = {alias: c for c, aliases in tg.tied.items() for alias in aliases} | {c: c for c in tg.tied}
-    used_storage = {canon_of.get(key, key) for name, key in tg.state_keys.items() if by_name[name].users}
+    written = set(tg.writes.values())  # a buffer only written is still state: it moves
+    used_storage = {canon_of.get(key, key) for name, key in tg.state_keys.items()
+                    if by_name[name].users or name in written}
     for name, key in tg.state_keys.items():
         if canon_of.get(key, key) not in used_storage:
             for a in _flat(values.get(by_name[name])):

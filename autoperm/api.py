@@ -48,7 +48,7 @@ def trace(model: nn.Module, example_inputs: Any, *, verify: bool = True, strict:
     t1 = time.perf_counter()
     spec = analyze(tg, strict=strict, hierarchical=hierarchical)
     t2 = time.perf_counter()
-    spec.meta.update({"model": type(model).__name__, "capture_s": round(t1 - t0, 4),
+    spec.meta.update({"model": type(model).__name__, "inputs": len(inputs), "capture_s": round(t1 - t0, 4),
                       "analysis_s": round(t2 - t1, 4)})
     if verify:
         report = verify_spec(model, spec, inputs, seed=seed)

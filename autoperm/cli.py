@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="alignment (default: weight; identity = naive averaging)")
     merge.add_argument("--alpha", type=float, default=0.5, help="weight of B in the average (default: 0.5)")
     merge.add_argument("--normalize", choices=_choices("normalize"),
-                       help="after averaging: reset BatchNorm statistics, repair / rescale activations (needs --data)")
+                       help="after averaging: reset BatchNorm statistics, repair / rescale activations (these three need "
+                            "--data), or calibrate / remove biases (no data)")
     merge.add_argument("--data", metavar="FILE", help="a .pt file holding a tensor of inputs or an "
                        "(inputs, targets) tuple; needed by --method activation and by --normalize")
     merge.add_argument("--batch-size", type=int, default=256, help="batch size for --data (default: 256)")
@@ -182,9 +183,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         log.warning("--alpha %s lies outside [0, 1]: extrapolating", args.alpha)
     from .match import NEEDS_DATA
+    from .merging import DATA_FREE
 
     needs = ([f"--method {args.method}"] if args.method in NEEDS_DATA else []) + (
-        [f"--normalize {args.normalize}"] if args.normalize and args.normalize != "bias_removal" else [])
+        [f"--normalize {args.normalize}"] if args.normalize not in DATA_FREE else [])
     if needs and not args.data:
         raise CLIError(f"{' and '.join(needs)} measures activations and needs --data FILE "
                        "(a .pt file holding a tensor of inputs or an (inputs, targets) tuple)", EXIT_USAGE)
@@ -281,7 +283,8 @@ def _classify(e: Exception) -> tuple[str, int]:
     if isinstance(e, ShapeMismatchError):
         return first, EXIT_MISMATCH
     if isinstance(e, (TraceError, ExampleInputError, UnsoundSpecError)):
-        return f"{type(e).__name__}: {first} (pass the model's input shape with --input-shape)", EXIT_TRACE
+        return (f"{type(e).__name__}: {first} (check the example input: --input-shape, and the shape and dtype of "
+                "the inputs in --data)"), EXIT_TRACE
     if isinstance(e, ImportError):
         return first, EXIT_DEPENDENCY
     if isinstance(e, FileNotFoundError):

@@ -134,6 +134,9 @@ def _load_data(path: str, batch_size: int) -> tuple[list, Any]:
     except Exception as e:
         raise CLIError(f"cannot read data file {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}",
                        EXIT_FILE) from e
+    inputs = obj if isinstance(obj, torch.Tensor) else obj[0] if isinstance(obj, (tuple, list)) and obj else None
+    if isinstance(inputs, torch.Tensor) and (inputs.dim() == 0 or len(inputs) == 0):
+        raise CLIError(f"data file {path!r} holds no samples (inputs of shape {list(inputs.shape)})", EXIT_FILE)
     if isinstance(obj, torch.Tensor):
         return list(obj.split(batch_size)), None
     if (isinstance(obj, (tuple, list)) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)

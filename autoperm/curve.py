@@ -36,7 +36,9 @@ def accuracy_barrier(alphas: Sequence[float], accs: Sequence[float]) -> float:
 
 
 def _ends(alphas, values):
-    alphas = list(alphas)
+    alphas, values = list(alphas), list(values)
+    if len(alphas) != len(values):
+        raise ValueError(f"got {len(alphas)} alphas but {len(values)} values: pass one value per alpha")
     if 0 not in alphas or 1 not in alphas:
         raise ValueError("a barrier needs alpha = 0 and alpha = 1 among the alphas")
     return values[alphas.index(0)], values[alphas.index(1)]
@@ -50,6 +52,14 @@ class Curve:
     values: list[dict[str, float]] = field(default_factory=list)
 
     def series(self, key: str) -> list[float]:
+        """The values of metric ``key`` per alpha; ``"value"`` is what a number-returning
+        ``evaluate`` gave, and is used when ``key`` is not there."""
+        if self.values and all(key not in v and "value" in v for v in self.values):
+            return [v["value"] for v in self.values]
+        missing = [i for i, v in enumerate(self.values) if key not in v]
+        if missing:
+            raise KeyError(f"metric {key!r} is not in the curve (it has {sorted(self.values[missing[0]])}): pass "
+                           "key= the name evaluate returned")
         return [v[key] for v in self.values]
 
     def loss_barrier(self, key: str = "loss") -> float:

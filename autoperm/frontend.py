@@ -50,6 +50,12 @@ class TracedGraph:
     # lifted tensor attributes, which may be caches derived from parameters, e.g. timm LeViT's
     # attention-bias cache)
     buffers: frozenset[str] = frozenset()
+    # graph outputs that are only the new value of a buffer the forward writes to (output node name
+    # -> the buffer's placeholder name): the analysis ties them to the buffer instead of freezing them
+    writes: dict[str, str] = field(default_factory=dict)
+    # state_dict keys the eager forward changed without the graph recording it (``.data =``, a write
+    # behind a Python flag, a hook) -> why: the analysis freezes them
+    unrecorded: dict[str, str] = field(default_factory=dict)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -135,6 +141,12 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
+    lazy = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        raise TraceError(f"{type(model).__name__} has uninitialized lazy parameters ({', '.join(lazy[:4])}"
+                         f"{', ...' if len(lazy) > 4 else ''}): call the model once on a batch to materialize "
+                         "them, then trace it")
     try:
         work = copy_module(model).eval()
     except Exception as e:
@@ -142,9 +154,11 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
             f"could not copy {type(model).__name__} (autoperm never traces the caller's model "
             f"itself): {type(e).__name__}: {e}. Legacy hooks such as nn.utils.weight_norm block "
             "deepcopy; use torch.nn.utils.parametrizations.weight_norm instead.") from e
+    before = _fingerprints(work)
     try:
         with torch.no_grad():
-            work(*inputs)
+            work(*(t.clone() for t in inputs))  # a forward may write to its inputs: not the caller's
+        after = _fingerprints(work)
     except Exception as e:
         shapes = [tuple(t.shape) for t in inputs]
         raise ExampleInputError(
@@ -160,7 +174,26 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
         # a forward cache refilled while exporting the throw-away copy (see above)
         warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
         ep, dynamic = _export_program(model, work, inputs, batched, dynamic)
-    return _wrap(ep, model, dynamic)
+    tg = _wrap(ep, model, dynamic)
+    recorded = set(ep.graph_signature.buffers_to_mutate.values())
+    tg.unrecorded = {k: "written in forward outside the traced graph (.data =, a Python-flag branch or a hook)"
+                     for k, v in before.items() if after.get(k) != v and k not in recorded}
+    if tg.unrecorded:
+        log.warning("the forward changed %s without torch.export recording the write: frozen",
+                    sorted(tg.unrecorded))
+    return tg
+
+
+def _fingerprints(model: nn.Module) -> dict[str, tuple]:
+    """Per state_dict tensor: storage, version counter and shape (any in-place write or swap moves one)."""
+    def storage(t: torch.Tensor) -> int:
+        try:
+            return t.data_ptr()
+        except RuntimeError:  # a tensor without storage (sparse, some subclasses): its identity
+            return id(t)
+
+    return {k: (storage(v), v._version, tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor)}
 
 
 def _export_program(model: nn.Module, work: nn.Module, inputs, batched, dynamic: bool):
@@ -178,9 +211,10 @@ def _export_program(model: nn.Module, work: nn.Module, inputs, batched, dynamic:
         head = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise TraceError(
             f"torch.export could not capture {type(model).__name__}{_user_frame(e)}: "
-            f"{type(e).__name__}: {head}. autoperm needs a graph without data-dependent control "
-            "flow: replace Python branches on tensor values with torch.where / torch.cond, or "
-            "trace a submodule that has none.") from e
+            f"{type(e).__name__}: {head}. Common causes: data-dependent control flow (replace Python "
+            "branches on tensor values with torch.where / torch.cond), one tensor registered under two "
+            "names or written to two buffers, writes through .data or hooks; or trace a submodule "
+            "that has none of these.") from e
     return ep, dynamic
 
 
@@ -221,4 +255,23 @@ def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:
     buffers = frozenset(s.arg.name for s in ep.graph_signature.input_specs
                         if s.kind == InputKind.BUFFER and s.arg.name in keyless and s.target not in mutated)
     return TracedGraph(ep.graph_module, state_keys, keyless, user_inputs, shapes, tied,
-                       "torch.export", dynamic, constants, buffers)
+                       "torch.export", dynamic, constants, buffers, _buffer_writes(ep))
+
+
+def _buffer_writes(ep) -> dict[str, str]:
+    """Output node name -> buffer placeholder name, for outputs that only carry a buffer's new value."""
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    placeholder = {s.target: s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.BUFFER}
+    out = next(n for n in reversed(ep.graph_module.graph.nodes) if n.op == "output")
+    args = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+    writes: dict[str, str] = {}
+    other: set[str] = set()
+    for spec, arg in zip(ep.graph_signature.output_specs, args):
+        if not isinstance(arg, torch.fx.Node):
+            continue
+        if spec.kind == OutputKind.BUFFER_MUTATION and spec.target in placeholder:
+            writes[arg.name] = placeholder[spec.target]
+        else:
+            other.add(arg.name)
+    return {k: v for k, v in writes.items() if k not in other}

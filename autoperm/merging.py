@@ -8,7 +8,6 @@ is returned. `autoperm.merge_many` (``autoperm/many.py``) merges more than two m
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -18,10 +17,12 @@ from torch import nn
 from ._copy import copy_with_state
 from ._data import first_inputs
 from .analysis import analyze_with_sites
+from .errors import ExampleInputError, ShapeMismatchError
 from .frontend import capture, normalize_inputs
 from .match import NEEDS_GRAPH, Alignment, MatchContext, check_method_args, run_matcher
 from .merge import (average_states, calibrate_biases, check_compatible, count_layers, remove_biases,
                     reset_batchnorm)
+from .merge.interpolate import as_alpha
 from .merge.normalize import has_batchnorm
 from .merge.repair import channel_moments, find_layers, repair_state
 from .permute import permute_state_dict
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 NORMALIZATIONS = (None, "reset", "repair", "rescale", "bias_calibration", "bias_removal")
-_DATA_FREE = (None, "bias_calibration", "bias_removal")  # normalizations that need no data
+DATA_FREE = (None, "bias_calibration", "bias_removal")  # normalizations that need no data
 
 
 def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
@@ -56,11 +57,11 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     raise ValueError(f"cannot guess example inputs for {type(model).__name__}: pass example_inputs=")
 
 
-def _inputs(model, example_inputs, data) -> tuple[torch.Tensor, ...]:
+def _inputs(model, example_inputs, data, n_inputs: int = 1) -> tuple[torch.Tensor, ...]:
     if example_inputs is not None:
         return normalize_inputs(example_inputs)
     if data is not None:
-        got = first_inputs(data)
+        got = first_inputs(data, n_inputs)
         if got is not None:
             log.info("example inputs taken from the first batch of data: %s", [tuple(t.shape) for t in got])
             return got
@@ -71,15 +72,36 @@ def _inputs(model, example_inputs, data) -> tuple[torch.Tensor, ...]:
 
 def _reiterable(data):
     """``data`` as something that can be iterated more than once (a generator becomes a list)."""
+    if isinstance(data, torch.Tensor):
+        raise ValueError(f"data= must be an iterable of batches (a list of tensors, a DataLoader), got one Tensor "
+                         f"of shape {list(data.shape)}, whose rows would be read as single unbatched samples: "
+                         "pass [x] for one batch, or list(x.split(256))")
     if data is not None and iter(data) is data:
         return list(data)
     return data
 
 
+def input_count(spec: PermutationSpec | None, example_inputs: Any) -> int:
+    """Tensors per batch that are the forward's inputs: from ``example_inputs``, else from the
+    spec (`autoperm.trace` records how many it was traced with), else 1."""
+    if example_inputs is not None:
+        return len(normalize_inputs(example_inputs))
+    n = spec.meta.get("inputs", 1) if spec is not None else 1
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
 def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs, data):
     """model_a's traced graph, its groups' activation sites, and a verified spec."""
-    inputs = _inputs(model_a, example_inputs, data)
-    traced = capture(model_a, inputs)
+    inputs = _inputs(model_a, example_inputs, data, input_count(spec, example_inputs))
+    try:
+        traced = capture(model_a, inputs)
+    except ExampleInputError as e:
+        if example_inputs is not None:
+            raise
+        source = "taken from the first batch of data=" if data is not None and first_inputs(data) is not None else \
+            "guessed from the model's first layer"
+        raise ExampleInputError(f"{e} (these example inputs were {source}: pass example_inputs= with inputs the "
+                                "forward accepts, e.g. a tuple for a forward with several arguments)") from e
     compiled, sites = analyze_with_sites(traced)
     if spec is not None and [g.name for g in spec.groups] != [g.name for g in compiled.groups]:
         raise ValueError("this method compiles model_a's graph itself and got other groups than the "
@@ -113,7 +135,7 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
     """
     check_compatible(model_a, model_b)
     data = _reiterable(data)
-    n_inputs = 1 if example_inputs is None else len(normalize_inputs(example_inputs))
+    n_inputs = input_count(spec, example_inputs)
     check_method_args(method, data, loss_fn, steps, lr, n_inputs, starts, tol)
     ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features,
                        loss_fn=loss_fn, steps=steps, lr=lr, model_a=model_a, n_inputs=n_inputs,
@@ -175,8 +197,7 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
         wider = autoperm.merge(model_a, model_b, partial=0.25, data=loader)
     """
     check_normalize(normalize, data, bias_layers)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number (the weight of model_b), got {alpha!r}")
+    alpha = as_alpha(alpha)
     check_compatible(model_a, model_b)
     data = _reiterable(data)
     if preserve_first and partial:
@@ -184,6 +205,12 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     _check_partial(partial)
     al = alignment or match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs,
                             loss_fn=loss_fn, seed=seed, steps=steps, lr=lr)
+    if alignment is not None:
+        try:
+            alignment.spec.check_model(model_a.state_dict())
+        except ShapeMismatchError as e:
+            raise ShapeMismatchError(f"alignment= was computed for other models: {e}. Pass the Alignment that "
+                                     "autoperm.match returned for these two models") from e
     if preserve_first or partial:  # merges that change the architecture: autoperm.rewrite
         from .rewrite import rewrite_merge
 
@@ -206,7 +233,7 @@ def check_normalize(normalize: str | None, data: Any, bias_layers: int | None) -
     """Raise naming the parameter when a normalization is unknown or lacks what it needs."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(NORMALIZATIONS)}")
-    if normalize not in _DATA_FREE and data is None:
+    if normalize not in DATA_FREE and data is None:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=: pass an "
                          "iterable of input batches")
     if bias_layers is not None and normalize != "bias_removal":
@@ -220,16 +247,19 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
     already aligned to one frame), then normalized; shared by `merge` and `merge_many`."""
     state = average_states(states, weights)
     traced = al.traced
+    # inputs per batch: from example_inputs, else from the graph the alignment traced
+    n_inputs = len(traced.user_inputs) if traced is not None and example_inputs is None else \
+        input_count(al.spec, example_inputs)
     if normalize in ("repair", "rescale"):
         data = list(data)
         traced = traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
         grouped = {ax.tensor for g in al.spec.groups for ax in g.axes if ax.dim == 0}
         layers = find_layers(traced, grouped)
         dense = [layer for layer in layers if layer.kind == "dense"]
-        moments = [channel_moments(traced, s, data, dense) for s in states]
+        moments = [channel_moments(traced, s, data, dense, n_inputs) for s in states]
         goal = {n: (sum(w * m[n][0] for w, m in zip(weights, moments)),
                     sum(w * m[n][1] for w, m in zip(weights, moments))) for n in moments[0]}
-        state = repair_state(traced, state, layers, data, goal, mode=normalize)
+        state = repair_state(traced, state, layers, data, goal, mode=normalize, n_inputs=n_inputs)
         log.info("%s: %d dense layers, %d BatchNorm layers", normalize, len(dense), len(layers) - len(dense))
     elif normalize in ("bias_calibration", "bias_removal"):
         traced = traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
@@ -240,7 +270,7 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
             state = remove_biases(state, counted, bias_layers)
     merged = copy_with_state(model_a, state)
     if normalize == "reset":
-        merged = reset_batchnorm(merged, data)
+        merged = reset_batchnorm(merged, data, n_inputs)
     elif has_batchnorm(merged):
         log.info("BatchNorm statistics were interpolated; normalize='reset' with data is usually far better")
     return merged.train(model_a.training)

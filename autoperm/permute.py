@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._copy import copy_with_state
-from .errors import PermutationError
+from .errors import PermutationError, ShapeMismatchError
 from .spec import Axis, PermutationSpec
 
 __all__ = ["random_permutation", "permute", "permute_state_dict", "apply_axis", "invert", "compose",
@@ -128,8 +128,16 @@ def unit_rows(t: torch.Tensor, axis: Axis, size: int, sum_dims: Iterable[int] = 
 
 def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
                        perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A new state dict with every axis of ``spec`` permuted; tied aliases follow their tensor."""
+    """A new state dict with every axis of ``spec`` permuted; tied aliases follow their tensor.
+    A tensor of the spec that ``state`` holds with another shape raises `ShapeMismatchError`."""
     check_permutations(spec, perms)
+    for name in dict.fromkeys(ax.tensor for g in spec.groups for ax in g.axes):  # in spec order
+        want = spec.shapes.get(name)
+        if name not in state:
+            raise ShapeMismatchError(f"the spec permutes tensor {name!r}, which the state dict lacks")
+        if want is not None and tuple(state[name].shape) != tuple(want):
+            raise ShapeMismatchError(f"tensor {name!r} has shape {list(state[name].shape)} in the state dict but "
+                                     f"{list(want)} in the spec: the spec was compiled for another model")
     out = OrderedDict(state)
     if hasattr(state, "_metadata"):  # version info some modules' _load_from_state_dict needs
         out._metadata = state._metadata  # type: ignore[attr-defined]

@@ -82,8 +82,8 @@ def check_equivalence(model: nn.Module, spec: PermutationSpec, perms: Mapping[st
     ``forward`` (a running average, a step counter) starts both calls from the same state.
     """
     permuted = permute(model, spec, perms)
-    ref = model(*inputs)
-    got = permuted(*inputs)
+    ref = model(*(t.clone() for t in inputs))  # a forward may write to its inputs
+    got = permuted(*(t.clone() for t in inputs))
     return output_error(ref, got)
 
 
@@ -108,7 +108,7 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, inputs: Sequence[torch.
     """
     m64 = perturbed(model, seed)
     x64 = to_float64(inputs)
-    ref = m64(*x64)
+    ref = m64(*(t.clone() for t in x64))
     if not all(torch.isfinite(t).all() for t in tree_leaves(ref) if isinstance(t, torch.Tensor)
                and t.is_floating_point()):
         log.warning("perturbed model gives non-finite outputs; checking the unperturbed float64 model")

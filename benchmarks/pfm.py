@@ -3,9 +3,11 @@
 with RESET (BatchNorm models), REPAIR and RESCALE (of the merged layers only), and the parameter /
 FLOP multipliers against one model.
 
-Usage: python benchmarks/pfm.py [--models vgg,resnet20x1] [--epochs 30]
+Usage: python benchmarks/pfm.py [--models vgg,resnet20x1] [--epochs 30] [--method activation]
 Pairs are trained as in benchmarks/merge_quality.py (seeds 1 and 2), aligned by activation
-matching (as the paper's Table 1), merged at alpha = 0.5. Writes benchmarks/results/pfm.md / .json.
+matching (as the paper's Table 1; ``--method activation_shift``: statistics on all sites over the
+training inputs and their one-pixel shifts, as merge_quality.py's row of that name), merged at
+alpha = 0.5. Writes benchmarks/results/pfm.md / .json (pfm_METHOD.md / .json for another method).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from autoperm.frontend import capture  # noqa: E402
 from autoperm.rewrite import flop_count, param_count  # noqa: E402
 from autoperm.rewrite.pfm import counted_layers  # noqa: E402
 from digits_models import MODELS  # noqa: E402
-from merge_quality import digits, evaluate, train  # noqa: E402
+from merge_quality import digits, evaluate, match_options, train  # noqa: E402
 
 ROWS = {"vgg": None, "resnet20x1": [0, 3, 6, 9, 13, 16, 19, 20]}
 
 
-def run_model(name, epochs, train_set, test_set):
+def run_model(name, epochs, train_set, test_set, method="activation"):
     factory, _ = MODELS[name]
     (xtr, ytr), (xte, yte) = train_set, test_set
     t0 = time.perf_counter()
@@ -41,7 +43,7 @@ def run_model(name, epochs, train_set, test_set):
     data = list(xtr.split(256))
     with torch.no_grad():
         ens = ((a(xte) + b(xte)) / 2).argmax(1).eq(yte).float().mean().item()
-    al = autoperm.match(a, b, method="activation", data=data, example_inputs=xte[:4])
+    al = autoperm.match(a, b, example_inputs=xte[:4], **match_options(method, data, None, None))
     L = len(counted_layers(al.traced or capture(a, xte[:4])))
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
     norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale"]
@@ -67,8 +69,10 @@ def run_model(name, epochs, train_set, test_set):
 
 def render(rows, args):
     lines = ["# Preserve-First Merging on digits", "",
-             f"`python benchmarks/pfm.py --epochs {args.epochs}` (torch.set_num_threads(1); scikit-learn digits, "
-             "1400 train / 397 test; pairs from seeds 1 and 2; activation matching; alpha = 0.5). "
+             f"`python benchmarks/pfm.py --epochs {args.epochs}"
+             + (f" --method {args.method}" if args.method != "activation" else "")
+             + "` (torch.set_num_threads(1); scikit-learn digits, 1400 train / 397 test; pairs from seeds 1 "
+             f"and 2; aligned by `{args.method}` (merge_quality.py's method of that name); alpha = 0.5). "
              "PFM_{l/L}: the first l of L counted layers (conv / linear in topological order, shortcut "
              "projections excluded) are kept unmerged; l = 0 is the full merge, l = L the ensemble. "
              "Accuracies in %; multipliers against one model (FLOPs counted by FlopCounterMode, batch 1). "
@@ -105,16 +109,19 @@ def main():
     ap.add_argument("--models", default="vgg,resnet20x1")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--method", default="activation", choices=["activation", "activation_shift", "weight"],
+                    help="how the pair is aligned (merge_quality.py's methods of those names)")
     args = ap.parse_args()
+    stem = "pfm" if args.method == "activation" else f"pfm_{args.method}"
     torch.set_num_threads(1)
     train_set, test_set = digits()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
     for name in args.models.split(","):
-        rows[name] = run_model(name, args.epochs, train_set, test_set)
-        (out / "pfm.json").write_text(json.dumps(rows, indent=1))
-        (out / "pfm.md").write_text(render(rows, args))
+        rows[name] = run_model(name, args.epochs, train_set, test_set, args.method)
+        (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+        (out / f"{stem}.md").write_text(render(rows, args))
     print(render(rows, args))
 
 

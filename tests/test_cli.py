@@ -215,11 +215,14 @@ def test_merge_with_data_and_reset(checkpoints, model_file, tmp_path, capsys):
     assert not torch.allclose(got["bn.running_var"], interpolated)  # statistics were recomputed
 
 
-@pytest.mark.parametrize("case", ["missing", "bad_model", "no_factory", "mismatch", "overwrite", "no_data"])
+@pytest.mark.parametrize("case", ["missing", "bad_model", "no_factory", "mismatch", "overwrite", "no_data",
+                                  "empty_data"])
 def test_merge_errors(checkpoints, model_file, tmp_path, capsys, case):
     paths, _ = checkpoints
     a, b = str(paths["a"]), str(paths["b"])
     model = f"{model_file}:make"
+    empty = tmp_path / "empty.pt"
+    torch.save((torch.randn(0, 1, 4, 4), torch.zeros(0, dtype=torch.long)), empty)
     args, code, words = {
         "missing": ([a, str(tmp_path / "nope.pt"), "--model", model], EXIT_FILE, "nope.pt' not found"),
         "bad_model": ([a, b, "--model", "resnet18"], EXIT_MODEL, "torchvision:NAME"),
@@ -227,6 +230,8 @@ def test_merge_errors(checkpoints, model_file, tmp_path, capsys, case):
         "mismatch": ([a, str(paths["narrow"]), "--model", model], EXIT_MISMATCH, "tensor 'stem.weight' has shape [4"),
         "overwrite": ([a, b, "--model", model, "--out", a], EXIT_OUTPUT, "refusing to overwrite"),
         "no_data": ([a, b, "--model", model, "--normalize", "repair"], EXIT_USAGE, "needs --data"),
+        "empty_data": ([a, b, "--model", model, "--normalize", "repair", "--data", str(empty)], EXIT_FILE,
+                       "holds no samples"),
     }[case]
     before = paths["a"].read_bytes()
     assert main(["merge", *args, "--input-shape", SHAPE, "--out", str(tmp_path / "m.pt")]

@@ -8,6 +8,7 @@ poor: ``normalize="reset"`` recomputes them on data); integer buffers are taken 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..errors import SpecError
 
-__all__ = ["check_compatible", "interpolate_state", "average_states"]
+__all__ = ["check_compatible", "interpolate_state", "average_states", "as_alpha"]
 
 
 def check_compatible(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -38,11 +39,20 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module) -> None:
                 raise ValueError(f"{who} has non-finite values in {name!r}")
 
 
+def as_alpha(alpha) -> float:
+    """``alpha`` as a float: any real number (Python, NumPy, a one-element tensor); raises a
+    ValueError naming ``alpha`` for anything else or a non-finite value."""
+    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.is_complex():
+        alpha = alpha.item()
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be a finite number (the weight of model_b), got {alpha!r}")
+    return float(alpha)
+
+
 def interpolate_state(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                       alpha: float) -> dict[str, torch.Tensor]:
     """``(1 - alpha) * a + alpha * b`` for float tensors; other tensors from ``a``."""
-    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number (the weight of model_b), got {alpha!r}")
+    alpha = as_alpha(alpha)
     out = {}
     for name, ta in a.items():
         tb = b[name]

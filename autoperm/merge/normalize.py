@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .._data import batch_inputs
+from .._data import check_samples, stat_inputs
 from .._progress import progress
 
 __all__ = ["reset_batchnorm", "has_batchnorm"]
@@ -32,13 +32,21 @@ def reset_batchnorm(model: nn.Module, data: Iterable, n_inputs: int = 1) -> nn.M
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: the exact mean over the batches seen
     model.train()
-    batches = 0
-    for batch in progress(data, desc="BatchNorm reset"):
-        model(*batch_inputs(batch, n_inputs))
-        batches += 1
-    for m, mom in saved.items():
-        m.momentum = mom
+    batches = samples = 0
+    try:
+        for batch in progress(data, desc="BatchNorm reset"):
+            x = stat_inputs(batch, n_inputs, "normalize='reset'")
+            if x[0].shape[0] < 2:
+                raise ValueError("normalize='reset' runs BatchNorm in training mode, which needs at least 2 "
+                                 f"samples per batch; a batch in data= has {x[0].shape[0]}: merge small batches")
+            model(*x)
+            batches += 1
+            samples += x[0].shape[0]
+    finally:
+        for m, mom in saved.items():
+            m.momentum = mom
     if batches == 0:
         raise ValueError("normalize='reset' got no batches in data")
+    check_samples(samples, "normalize='reset'")
     log.info("reset %d BatchNorm layers over %d batches", len(bns), batches)
     return model.eval()

@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from .._data import batch_inputs
+from .._data import check_samples, stat_inputs
 from .._progress import progress
 from .._stats import run_graph
 from ..frontend import TracedGraph
@@ -76,14 +76,18 @@ def channel_moments(tg: TracedGraph, state, data: Iterable, layers: list[Layer],
     sums: dict[str, list] = {}
     wanted = {l.node for l in layers}
     dims = {l.node: l.channel_dim for l in layers}
+    samples = 0
     for batch in progress(data, desc="channel statistics"):
-        out = run_graph(tg, state, batch_inputs(batch, n_inputs), wanted)
+        x = stat_inputs(batch, n_inputs, "normalization statistics")
+        samples += x[0].shape[0]
+        out = run_graph(tg, state, x, wanted)
         for node, t in out.items():
             f = t.movedim(dims[node], -1).reshape(-1, t.shape[dims[node]]).double()
             acc = sums.setdefault(node, [0, 0.0, 0.0])
             acc[0] += f.shape[0]
             acc[1] = acc[1] + f.sum(0)
             acc[2] = acc[2] + (f * f).sum(0)
+    check_samples(samples, "normalization statistics")
     out = {}
     for node, (n, s, sq) in sums.items():
         mean = s / n

@@ -3,7 +3,8 @@ Figure 4 right; DESIGN.md section 4).
 
 Layers are counted as the paper counts them: the conv / linear nodes of model_a's traced graph
 in topological order, shortcut projections excluded (`counted_layers`). With ``preserve_first=l``
-the *preserved part* is the l-th counted layer, all its ancestors, and every later op that is not
+the *preserved part* is the first l counted layers (in a chain: the l-th and its ancestors; in a
+model with branches or several heads, every one of the first l), all their ancestors, and every later op that is not
 a conv / linear and reads only preserved values (the layer's BatchNorm and activation, a residual
 add whose two inputs are preserved ...): merging happens at the *inputs* of the next layers, as
 in Figure 4 ("outputs of the l-th layers are merged").
@@ -149,11 +150,11 @@ def preserved_nodes(tg: TracedGraph, preserve_first: int) -> set[torch.fx.Node]:
     layers = counted_layers(tg)
     if preserve_first <= 0 or not layers:
         return set()
-    last = layers[min(preserve_first, len(layers)) - 1]
+    first = layers[:min(preserve_first, len(layers))]  # with branches or heads the l-th alone misses some
     data = data_nodes(tg)
     dense = set(dense_nodes(tg))
-    keep: set[torch.fx.Node] = {last}
-    stack = [last]
+    keep: set[torch.fx.Node] = set(first)
+    stack = list(first)
     while stack:
         for p in stack.pop().all_input_nodes:
             if p in data and p not in keep and p.op != "placeholder":
