@@ -79,7 +79,7 @@ def test_curve_of_a_number_valued_evaluate():
     """A curve of numbers stores them as 'value'; the barrier methods raised KeyError 'acc'."""
     a, b = _mlp(0), _mlp(1)
     x = torch.randn(32, 10)
-    curve = autoperm.interpolate(a, b, [0.0, 0.5, 1.0], lambda m: float(m(x).square().mean()))
+    curve = autoperm.interpolate(a, b, [0.0, 0.5, 1.0], lambda m: float(m(x).detach().square().mean()))
     vals = curve.series("value")
     assert curve.loss_barrier() == pytest.approx(max(0.0, vals[1] - (vals[0] + vals[2]) / 2))
     assert curve.accuracy_barrier() == pytest.approx(max(0.0, (vals[0] + vals[2]) / 2 - vals[1]))
