@@ -175,3 +175,19 @@ def test_spec_of_a_two_input_model_tells_merge_how_to_read_batches():
         got = autoperm.merge(a, b, spec=spec, data=[x], **kw)
         ref = autoperm.merge(a, b, spec=spec, data=[x], example_inputs=x, **kw)
         assert torch.allclose(got(*x), ref(*x), atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["repair", "reset"])
+def test_partial_merge_of_a_two_input_model_normalizes(norm):
+    """The partial merge's normalization read one input per batch, like merge's did. Oracle: the
+    limit partial=0 equals the plain merge with the same normalization."""
+    torch.manual_seed(0)
+    a, b = TwoIn().eval(), TwoIn().eval()
+    x = (torch.randn(64, 10), torch.randn(64, 6))
+    al = autoperm.match(a, b, method="activation", data=[x], example_inputs=x)
+    full = autoperm.merge(a, b, alignment=al, normalize=norm, data=[x], example_inputs=x)
+    zero = autoperm.merge(a, b, alignment=al, partial=0.0, normalize=norm, data=[x], example_inputs=x)
+    wide = autoperm.merge(a, b, alignment=al, partial=0.5, normalize=norm, data=[x], example_inputs=x)
+    probe = (torch.randn(8, 10), torch.randn(8, 6))
+    assert torch.allclose(zero(*probe), full(*probe), atol=1e-5)
+    assert torch.isfinite(wide(*probe)).all() and not torch.allclose(wide(*probe), full(*probe), atol=1e-3)

@@ -323,20 +323,22 @@ def _normalize(module, tg, tg_w, spec, ext, state_a, state_b, state, data, alpha
     from ..merge.repair import channel_moments, find_layers, repair_state
 
     to_new = {v: k for k, v in getattr(module, "autoperm_keys", {}).items()}
+    n_inputs = len(tg.user_inputs)  # tensors per batch that are the forward's inputs
     lays = param_layouts(spec)
     grouped = {k for k, d in lays.items() if 0 in d}
     layers = find_layers(tg_w, grouped)
     goal: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if mode in ("repair", "rescale"):
         dense = [lay for lay in find_layers(tg, grouped) if lay.kind == "dense"]
-        ma, mb = channel_moments(tg, state_a, data, dense), channel_moments(tg, state_b, data, dense)
+        ma, mb = (channel_moments(tg, s, data, dense, n_inputs) for s in (state_a, state_b))
         for lay in dense:
             ia, ib, mask, _ = widen_dim(state_a[lay.weight].shape[0], lays[lay.weight][0], ext)
             (mu_a, sd_a), (mu_b, sd_b) = ma[lay.node], mb[lay.node]
             goal[lay.node] = (_mix(mu_a[ia.clamp_min(0)], mu_b[ib.clamp_min(0)], mask, alpha),
                               _mix(sd_a[ia.clamp_min(0)], sd_b[ib.clamp_min(0)], mask, alpha))
     layers = [lay for lay in layers if lay.kind == "batchnorm" or lay.node in goal]
-    state = repair_state(tg_w, dict(state), layers, data, goal, mode="rescale" if mode == "rescale" else "repair")
+    state = repair_state(tg_w, dict(state), layers, data, goal, mode="rescale" if mode == "rescale" else "repair",
+                         n_inputs=n_inputs)
     own = module.state_dict()
     module.load_state_dict({to_new.get(k, k): v for k, v in state.items() if to_new.get(k, k) in own}, strict=False)
     log.info("partial merge: %s on %d layers", mode, len(layers))
