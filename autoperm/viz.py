@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import colorsys
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -67,6 +67,7 @@ def format_table(spec: "PermutationSpec") -> str:
     aliases = {a: c for c, names in spec.tied.items() for a in names}
     ndim = max((len(s) for s in spec.shapes.values()), default=0)
     rows = [["tensor", "shape"] + [f"dim {d}" for d in range(ndim)]]
+    collapsed = False
     for name, shape in spec.shapes.items():
         row = [name, str(list(shape))]
         for d in range(ndim):
@@ -76,6 +77,10 @@ def format_table(spec: "PermutationSpec") -> str:
                 row.append(f"= {aliases[name]}")
             else:
                 vals = [v for v in cells.get((name, d), []) if v != "."]
+                if len(vals) > 2:  # fused or per-head layouts: one entry per group, with its slice count
+                    counts = Counter(v.split(" ", 1)[0] for v in vals)
+                    vals = [f"{g} x{n}" if n > 1 else g for g, n in counts.items()]
+                    collapsed = True
                 row.append(", ".join(vals) if vals else ("." if shape[d] > 1 else ""))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -97,6 +102,8 @@ def format_table(spec: "PermutationSpec") -> str:
         lines.append(f"per slot of {parent}: {', '.join(names)} (one permutation per {parent} unit)")
     if len(kids) > 12:
         lines.append(f"... {len(kids) - 12} more parents with per-slot groups")
+    if collapsed:
+        lines.append("G xN: group G acts on N slices of that dim (their layouts: spec.group(G).axes)")
     lines.append(f"{len(spec.groups)} groups, {sum(len(g.axes) for g in spec.groups)} axes, "
                  f"{len(spec.frozen)} frozen entries")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import autoperm
 from autoperm import Axis, Frozen, PermGroup, PermutationSpec, SpecError
@@ -108,3 +109,14 @@ def test_table_dot_and_networkx():
 def test_group_lookup_error_lists_groups():
     with pytest.raises(SpecError, match=r"no group named 'zz'; groups are \['h'\]"):
         small_spec().group("zz")
+
+
+def test_table_collapses_cells_with_many_slices():
+    """A fused qkv dim listed every slice with its layout: cells of 250+ characters."""
+    attn = nn.MultiheadAttention(16, 4, batch_first=True)
+    spec = autoperm.trace(attn, (torch.randn(2, 5, 16),) * 3, hierarchical=True)
+    table = spec.table()
+    heads = next(g.name for g in spec.groups if any(h.parent == g.name for h in spec.groups))
+    row = next(line for line in table.splitlines() if line.startswith("in_proj_weight "))
+    assert f"{heads} x3" in row and " as (" not in row
+    assert "acts on N slices" in table and max(len(line) for line in table.splitlines()) < 160
