@@ -191,3 +191,15 @@ def test_partial_merge_of_a_two_input_model_normalizes(norm):
     probe = (torch.randn(8, 10), torch.randn(8, 6))
     assert torch.allclose(zero(*probe), full(*probe), atol=1e-5)
     assert torch.isfinite(wide(*probe)).all() and not torch.allclose(wide(*probe), full(*probe), atol=1e-3)
+
+
+def test_emitted_module_keys_match_its_state_dict():
+    """autoperm_keys listed num_batches_tracked entries the emitted graph dropped."""
+    def cnn(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(8 * 16, 4)).eval()
+    x = torch.randn(4, 3, 4, 4)
+    for kw in (dict(partial=0.5), dict(preserve_first=1)):
+        m = autoperm.merge(cnn(1), cnn(2), example_inputs=x, **kw)
+        assert set(m.autoperm_keys) == set(m.state_dict()), kw

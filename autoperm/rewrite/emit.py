@@ -182,6 +182,15 @@ def _unpin_batch(graph: torch.fx.Graph, batch: int) -> int:
     return patched
 
 
+def _has_tensor(module: nn.Module, path: str) -> bool:
+    owner = module
+    for part in path.split("."):
+        owner = getattr(owner, part, None)
+        if owner is None:
+            return False
+    return isinstance(owner, torch.Tensor)
+
+
 def emit(graph: torch.fx.Graph, tensors: Mapping[str, torch.Tensor], *, buffers: Iterable[str] = (),
          out_spec: TreeSpec | None = None, static_batch: int | None = None, class_name: str = "AutopermModule",
          check_inputs: Sequence[torch.Tensor] | None = None, expected: Any = None,
@@ -232,7 +241,8 @@ def emit(graph: torch.fx.Graph, tensors: Mapping[str, torch.Tensor], *, buffers:
     new_graph.eliminate_dead_code()
     new_graph.lint()
     module = torch.fx.GraphModule(root, new_graph, class_name=class_name)
-    module.autoperm_keys = {new: key for key, new in names.items()}
+    # GraphModule copies only the tensors the graph reads (an unused num_batches_tracked is gone)
+    module.autoperm_keys = {new: key for key, new in names.items() if _has_tensor(module, new)}
     module.eval()
     if check_inputs is not None:
         err = check_module(module, check_inputs, expected, tolerance=tolerance)
