@@ -74,8 +74,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
-    command = "python benchmarks/hierarchy_zoo.py" + (' --match "$(cat benchmarks/hierarchy_zoo_match.txt)"'
-                                                      if args.match else "")
+    listed = (HERE / "hierarchy_zoo_match.txt").read_text().strip()
+    command = "python benchmarks/hierarchy_zoo.py" + (
+        "" if args.match is None else ' --match "$(cat benchmarks/hierarchy_zoo_match.txt)"'
+        if args.match.strip() == listed else f" --match '{args.match}'")
     if args.render_only:
         rows = json.loads((RESULTS / "hierarchy_zoo.json").read_text())
         (RESULTS / "hierarchy_zoo.md").write_text(render(rows, command))

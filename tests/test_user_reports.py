@@ -183,6 +183,10 @@ def test_partial_merge_of_a_two_input_model_normalizes(norm):
     limit partial=0 equals the plain merge with the same normalization."""
     torch.manual_seed(0)
     a, b = TwoIn().eval(), TwoIn().eval()
+    with torch.no_grad():  # statistics other than the defaults, so that a skipped reset shows
+        for m in (a, b):
+            m.bn.running_mean.uniform_(-1, 1)
+            m.bn.running_var.uniform_(0.5, 2)
     x = (torch.randn(64, 10), torch.randn(64, 6))
     al = autoperm.match(a, b, method="activation", data=[x], example_inputs=x)
     full = autoperm.merge(a, b, alignment=al, normalize=norm, data=[x], example_inputs=x)

@@ -25,9 +25,8 @@ from typing import Mapping
 import torch
 
 from ..analysis import Site
-from ..permute import permute_state_dict
 from ..errors import SpecError
-from ..permute import compose, invert
+from ..permute import compose, invert, permute_state_dict
 from ..spec import Axis, PermGroup, PermutationSpec, chunks_by_parent, slot_coordinates
 
 __all__ = ["has_children", "expand_children", "expand_sites", "refine_children", "refine_weight", "absorb_children",
