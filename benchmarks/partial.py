@@ -10,7 +10,11 @@ benchmarks/merge_quality.py, aligned by activation matching) and with / without 
 * benefit-ordered (thesis section 4.8): each group widened alone, benefit factor = accuracy gain
   (on 400 training samples, no test data) / added parameters; then
   `autoperm.rewrite.partial.benefit_order` for budgets of +5% .. +100% parameters (groups
-  switched to gamma = 1 in that order, the remainder given to the next group).
+  switched to gamma = 1 in that order, the remainder given to the next group);
+* greedy (the thesis's proposed improvement, chapter 5): `autoperm.rewrite.partial.benefit_greedy`,
+  steps of gamma 0.25, each round keeping the step with the best gain of minus the cross-entropy
+  on the same 400 training samples per added parameter, up to +50% (``--greedy-budget``); one
+  point per accepted step.
 
 The barrier is the midpoint's (alpha = 0.5) accuracy barrier, mean endpoint accuracy minus the
 merged accuracy, on the 397 test samples; reduction is relative to
@@ -32,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import autoperm  # noqa: E402
-from autoperm.rewrite.partial import benefit_factors, benefit_order, partial_widen  # noqa: E402
+from autoperm.rewrite.partial import benefit_factors, benefit_greedy, benefit_order, partial_widen  # noqa: E402
 from digits_models import MODELS  # noqa: E402
 from merge_quality import digits, evaluate, train  # noqa: E402
 
@@ -41,7 +45,7 @@ EPSILONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
 BUDGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 
 
-def run_model(name: str, epochs: int, train_set, test_set, stats_n: int) -> dict:
+def run_model(name: str, epochs: int, train_set, test_set, stats_n: int, greedy_budget: float = 0.5) -> dict:
     factory, _ = MODELS[name]
     (xtr, ytr), (xte, yte) = train_set, test_set
     xva, yva = xtr[-400:], ytr[-400:]
@@ -74,6 +78,14 @@ def run_model(name: str, epochs: int, train_set, test_set, stats_n: int) -> dict
             bo.append(dict(point(norm, partial=gammas) if gammas else curves["forced"][0], budget=budget,
                            gammas=gammas))
         curves["benefit"] = bo
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            run = benefit_greedy(a, b, al, data, lambda m: -evaluate(m, xva, yva)["loss"], budget=greedy_budget,
+                                 step=0.25, alpha=0.5, normalize=norm)
+        curves["greedy"] = [dict(point(norm, partial=st.gammas) if st.gammas else curves["forced"][0],
+                                 gammas=st.gammas, score=st.score) for st in run.path]
+        row.setdefault("greedy_s", {})[tag] = time.perf_counter() - t1
+        row.setdefault("greedy_evaluations", {})[tag] = run.evaluations
         full = curves["forced"][0]["acc"]
         for pts in curves.values():
             for p in pts:
@@ -106,15 +118,19 @@ def render(rows: dict, args) -> str:
                   f"ensemble {100 * r['ensemble']:.1f}", ""]
         for tag, c in r["curves"].items():
             hit = removed_within(c["benefit"])
+            g_hit = removed_within(c["greedy"]) if "greedy" in c else None
             lines += [f"### normalization: {tag} (full merge {100 * c['full_acc']:.1f}; benefit-ordered removes the "
-                      f"barrier within +30%: {'yes, at +%.0f%%' % (100 * hit) if hit is not None else 'no'})", "",
+                      f"barrier within +30%: {'yes, at +%.0f%%' % (100 * hit) if hit is not None else 'no'}"
+                      + (f"; greedy: {'yes, at +%.0f%%' % (100 * g_hit) if g_hit is not None else 'no'}"
+                         if "greedy" in c else "") + ")", "",
                       "| strategy | setting | added params | added non-zero | acc | barrier | reduction |",
                       "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-            for strat in ("forced", "adaptive", "benefit"):
-                for p in c[strat]:
+            for strat in ("forced", "adaptive", "benefit", "greedy"):
+                for p in c.get(strat, []):
+                    groups = ", ".join(f"{g}:{v:g}" for g, v in p.get("gammas", {}).items()) or "none"
                     setting = (f"gamma {p['gamma']}" if strat == "forced" else f"eps {p['epsilon']}"
-                               if strat == "adaptive" else f"budget +{100 * p['budget']:.0f}%: "
-                               + (", ".join(f"{g}:{v:g}" for g, v in p["gammas"].items()) or "none"))
+                               if strat == "adaptive" else f"budget +{100 * p['budget']:.0f}%: {groups}"
+                               if strat == "benefit" else f"step: {groups}")
                     lines.append(f"| {strat} | {setting} | {100 * p['added']:+.0f}% | "
                                  f"{100 * p['added_nonzero']:+.0f}% | {100 * p['acc']:.1f} | "
                                  f"{100 * p['barrier']:.1f} | {100 * p['reduction']:.0f}% |")
@@ -136,7 +152,9 @@ def plot(rows: dict, path: Path) -> None:
         for j, tag in enumerate(tags):
             ax = axes[i][j]
             c = r["curves"][tag]
-            for strat, style in (("forced", "o-"), ("adaptive", "s--"), ("benefit", "^-")):
+            for strat, style in (("forced", "o-"), ("adaptive", "s--"), ("benefit", "^-"), ("greedy", "v-.")):
+                if strat not in c:
+                    continue
                 pts = sorted(c[strat], key=lambda p: p["added"])
                 ax.plot([100 * p["added"] for p in pts], [100 * p["reduction"] for p in pts], style, label=strat)
             ax.axhline(100, color="grey", lw=0.8, ls=":")
@@ -156,6 +174,7 @@ def main() -> None:
     ap.add_argument("--stats", type=int, default=512, help="training samples used for statistics / REPAIR")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--append", action="store_true", help="keep the models already in partial.json")
+    ap.add_argument("--greedy-budget", type=float, default=0.5, help="parameter budget of the greedy search")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train_set, test_set = digits()
@@ -163,7 +182,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = json.loads((out / "partial.json").read_text()) if args.append and (out / "partial.json").exists() else {}
     for name in args.models.split(","):
-        rows[name] = run_model(name, args.epochs, train_set, test_set, args.stats)
+        rows[name] = run_model(name, args.epochs, train_set, test_set, args.stats, args.greedy_budget)
         (out / "partial.json").write_text(json.dumps(rows, indent=1))
         (out / "partial.md").write_text(render(rows, args))
         plot(rows, out / "partial.png")

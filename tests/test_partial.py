@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import autoperm
-from autoperm.rewrite.partial import (PartialResult, benefit_factors, benefit_order, partial_merge, partial_widen,
-                                      widened_params)
+from autoperm.rewrite.partial import (PartialResult, benefit_factors, benefit_greedy, benefit_order, partial_merge,
+                                      partial_widen, widened_params)
 from autoperm.rewrite.partial_graph import contraction_dims, param_layouts
 from autoperm.rewrite.partial_widen import extend_assignment, widen_state
 from autoperm.verify import output_error
@@ -254,6 +254,93 @@ def test_benefit_order_respects_the_budget():
         assert all(v == 1.0 for v in list(chosen.values())[:-1])   # only the last one is partial (fill)
     with pytest.raises(ValueError, match="budget=-1"):
         benefit_order(a, b, al, data, closeness, budget=-1, factors=factors)
+
+
+def test_benefit_greedy_climbs_to_the_ensemble_within_each_budget():
+    """Step-wise greedy widening (thesis chapter 5): every accepted step raises the score and
+    stays within the budget, each recorded score is the score of the model its gammas build, an
+    unbounded budget ends at every group at gamma 1 (the ensemble, where the distance to it is
+    zero), and a tight budget stops early."""
+    a, b, x, al, ens = _setup("mlp")
+    data = [x[0]]
+
+    def closeness(model):
+        with torch.no_grad():
+            return -float((model(*x) - ens).abs().mean())
+
+    run = benefit_greedy(a, b, al, data, closeness, budget=10.0, step=0.5, alpha=ALPHA)
+    scores = [s.score for s in run.path]
+    assert run.path[0].gammas == {} and len(run.path) > 2
+    assert all(later > earlier for earlier, later in zip(scores, scores[1:]))
+    assert run.gammas == {"0": 1.0, "2": 1.0} and scores[-1] > -1e-9
+    for s in run.path:
+        built = partial_widen(a, b, al, alpha=ALPHA, partial=s.gammas, data=data)
+        assert built.params == s.params and closeness(built.module) == pytest.approx(s.score, abs=1e-12)
+    base = run.base
+    tight = benefit_greedy(a, b, al, data, closeness, budget=0.6, step=0.5, alpha=ALPHA)
+    assert len(tight.path) < len(run.path) and all(s.params <= 1.6 * base for s in tight.path)
+    n = sum(s.params <= 1.6 * base for s in run.path)        # params grow along a path: a prefix fits
+    assert [s.gammas for s in tight.path[:n]] == [s.gammas for s in run.path[:n]]
+    assert run.at(0.6) == run.path[n - 1].gammas
+    assert run.at(0.0) == {} and benefit_greedy(a, b, al, data, closeness, budget=0.0, alpha=ALPHA).gammas == {}
+    only = benefit_greedy(a, b, al, data, closeness, budget=10.0, step=1.0, groups=["2", "2"], alpha=ALPHA)
+    assert only.gammas == {"2": 1.0} and only.evaluations == 2   # the full merge, then group 2 once
+
+
+def test_benefit_greedy_counts_what_adaptive_assignment_builds():
+    """With adaptive assignment fewer pairs split than gamma allows: each step records the
+    parameters of the model its gammas build, and stays within the budget by that count."""
+    a, b, x, al, ens = _setup("mlp")
+    data = [x[0]]
+
+    def closeness(model):
+        with torch.no_grad():
+            return -float((model(*x) - ens).abs().mean())
+
+    opts = dict(alpha=ALPHA, assignment="adaptive", threshold=0.2)
+    run = benefit_greedy(a, b, al, data, closeness, budget=0.8, step=0.25, **opts)
+    assert len(run.path) > 1
+    for s in run.path[1:]:
+        built = partial_widen(a, b, al, partial=s.gammas, data=data, **opts)
+        assert built.params == s.params <= 1.8 * run.base
+        assert built.params < widened_params(al.spec, a, {g: al.spec.group(g).size + math.ceil(v * al.spec.group(g).size)
+                                                          for g, v in s.gammas.items()})  # fewer than forced
+
+
+def test_benefit_greedy_stops_when_no_step_helps_and_names_bad_arguments():
+    a, b, x, al, _ = _setup("mlp")
+    data = [x[0]]
+
+    def fewer_params(model):                  # widening only ever costs: nothing is accepted
+        return -sum(p.numel() for p in model.parameters())
+
+    run = benefit_greedy(a, b, al, data, fewer_params, budget=10.0, alpha=ALPHA)
+    assert run.gammas == {} and len(run.path) == 1 and run.evaluations > 1
+    with pytest.raises(ValueError, match="step=0"):
+        benefit_greedy(a, b, al, data, fewer_params, step=0)
+    with pytest.raises(ValueError, match="budget=-0.5"):
+        benefit_greedy(a, b, al, data, fewer_params, budget=-0.5)
+    with pytest.raises(ValueError, match="nope"):
+        benefit_greedy(a, b, al, data, fewer_params, groups=["nope"])
+    with pytest.raises(ValueError, match="evaluate returned nan"):
+        benefit_greedy(a, b, al, data, lambda m: float("nan"))
+    with pytest.raises(ValueError, match="step=1e-07"):
+        benefit_greedy(a, b, al, data, fewer_params, step=1e-7)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="budget="):
+            benefit_greedy(a, b, al, data, fewer_params, budget=bad)
+        with pytest.raises(ValueError, match="budget="):
+            benefit_order(a, b, al, data, fewer_params, budget=bad, factors={})
+        with pytest.raises(ValueError, match="budget="):
+            run.at(bad)
+    with pytest.raises(ValueError, match="data=None"):
+        benefit_greedy(a, b, al, None, fewer_params)
+    with pytest.raises(ValueError, match="groups='02'"):
+        benefit_greedy(a, b, al, data, fewer_params, groups="02")
+    scores = iter([1.0, float("-inf")])         # one bad candidate is left out, the search goes on
+    skipped = benefit_greedy(a, b, al, data, lambda m: next(scores, 2.0), budget=10.0, step=1.0, alpha=ALPHA)
+    assert len(skipped.frozen) == 1 and "evaluate returned -inf" in next(iter(skipped.frozen.values()))
+    assert len(skipped.gammas) == 1 and set(skipped.gammas) | set(skipped.frozen) == {"0", "2"}
 
 
 def test_result_type():

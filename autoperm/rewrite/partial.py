@@ -56,7 +56,7 @@ from .partial_graph import check_shapes, contraction_dims, locality, node_layout
 from .partial_widen import WidenError, buffer_count, extend_assignment, keep_alignment, widen_dim, widen_state
 
 __all__ = ["Partial", "PartialResult", "partial_merge", "partial_widen", "benefit_factors", "benefit_order",
-           "widened_params"]
+           "benefit_greedy", "Greedy", "GreedyStep", "widened_params"]
 
 log = logging.getLogger(__name__)
 _NORMALIZE = (None, "reset", "repair", "rescale")
@@ -367,4 +367,5 @@ def partial_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
                          similarity=similarity).module
 
 
-from .partial_order import benefit_factors, benefit_order, widened_params  # noqa: E402  (re-exported)
+from .partial_order import (Greedy, GreedyStep, benefit_factors, benefit_greedy, benefit_order,  # noqa: E402
+                            widened_params)  # (re-exported)
