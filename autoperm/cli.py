@@ -172,7 +172,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """``autoperm merge``: load, align, interpolate, normalize, write."""
     import torch
 
-    from ._progress import progress
     from .merging import merge
 
     out = Path(args.out)
@@ -202,8 +201,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model_b = copy.deepcopy(model_a)
     model_b.load_state_dict(state_b)
     if data is not None:
-        data = [tuple(t.to(device) for t in b) if isinstance(b, tuple) else b.to(device)
-                for b in progress(data, desc="moving data", total=len(data))]
+        data = _to_model(data, model_a, device)
     if not args.input_shape and data is not None:
         inputs = None  # merge takes them from the first batch of data
     kwargs: dict[str, Any] = dict(alpha=args.alpha, method=args.method, data=data, normalize=args.normalize,
@@ -227,6 +225,28 @@ def cmd_merge(args: argparse.Namespace) -> int:
         accs = [_accuracy(m, data) for m in (model_a, model_b, merged)]
         print("accuracy on --data: A {:.1f}%, B {:.1f}%, merged {:.1f}%".format(*(100 * a for a in accs)))
     return EXIT_OK
+
+
+def _to_model(data: list, model, device) -> list:
+    """``--data`` batches on ``device``, their floating-point inputs cast to the model's floating
+    dtype (a float64 file for a float32 model; targets are left alone), with a warning."""
+    from ._progress import progress
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+    def inputs(t):
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            if not cast:
+                log.warning("--data holds %s inputs and the model is %s: casting the inputs to %s",
+                            str(t.dtype).replace("torch.", ""), str(dtype).replace("torch.", ""),
+                            str(dtype).replace("torch.", ""))
+            cast.append(t.dtype)
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    cast: list = []
+    return [(inputs(b[0]), *(t.to(device) for t in b[1:])) if isinstance(b, tuple) else inputs(b)
+            for b in progress(data, desc="moving data", total=len(data))]
 
 
 def _accuracy(model, data) -> float:
@@ -262,6 +282,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     verbose = bool(getattr(args, "verbose", False))
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    from ._progress import progress_enabled
+
+    shown = logging.getLogger("autoperm.progress")
+    level = shown.level
+    if not verbose and progress_enabled():  # a terminal: progress lines even without -v (bars with tqdm)
+        shown.setLevel(logging.INFO)
     commands = {"spec": cmd_spec, "merge": cmd_merge, "demo": cmd_demo}
     try:
         import torch
@@ -274,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), e.code, verbose)
     except Exception as e:
         return _fail(*_classify(e), verbose)
+    finally:
+        shown.setLevel(level)  # main() may run again in this process (tests, notebooks)
 
 
 def _classify(e: Exception) -> tuple[str, int]:

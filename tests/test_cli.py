@@ -196,6 +196,23 @@ def test_merge_matches_library(checkpoints, model_file, tmp_path, capsys):
     assert not torch.allclose(got["conv1.weight"], naive)  # B was permuted before averaging
 
 
+def test_merge_casts_float64_data_to_the_model_dtype(checkpoints, model_file, tmp_path, caplog):
+    """A float64 --data file for a float32 model: the inputs are cast (with a warning) and the
+    result equals the merge on the float32 inputs; before, the trace failed on the dtype."""
+    paths, _ = checkpoints
+    x, y = torch.load(paths["data"], weights_only=True)
+    wide = tmp_path / "data64.pt"
+    torch.save((x.double(), y), wide)
+    outs = {}
+    for tag, data in (("32", paths["data"]), ("64", wide)):
+        outs[tag] = tmp_path / f"merged{tag}.pt"
+        assert main(["merge", str(paths["a"]), str(paths["b"]), "--model", f"{model_file}:make", "--method",
+                     "activation", "--normalize", "repair", "--data", str(data), "--out", str(outs[tag])]) == 0
+    assert "casting the inputs to float32" in caplog.text
+    got, expected = (torch.load(outs[t], weights_only=True) for t in ("64", "32"))
+    assert all(got[k].dtype == expected[k].dtype and torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+
+
 def test_merge_with_data_and_reset(checkpoints, model_file, tmp_path, capsys):
     paths, net = checkpoints
     out = tmp_path / "merged.pt"
@@ -253,3 +270,31 @@ def test_console_script_reports_one_line_error(tmp_path):
 def test_version_flag_prints_the_package_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"autoperm {autoperm.__version__}"
+
+
+@pytest.mark.parametrize("env, shown", [("1", True), ("0", False)])
+def test_progress_lines_without_verbose(env, shown, checkpoints, model_file, tmp_path, monkeypatch, capfd):
+    """Sinkhorn's steps report progress without -v where progress is on (a terminal, or
+    AUTOPERM_PROGRESS=1; here without tqdm, as log lines), and stay quiet with AUTOPERM_PROGRESS=0."""
+    import builtins
+    import logging
+
+    paths, _ = checkpoints
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("tqdm") else real_import(name, *a, **k))
+    monkeypatch.setenv("AUTOPERM_PROGRESS", env)
+    logger = logging.getLogger("autoperm.progress")
+    level, handlers, root_handlers = logger.level, list(logger.handlers), list(logging.getLogger().handlers)
+    logging.getLogger().handlers = [logging.StreamHandler()]   # what basicConfig installs in a fresh process
+    try:
+        assert main(["merge", str(paths["a"]), str(paths["b"]), "--model", f"{model_file}:make", "--method",
+                     "sinkhorn", "--input-shape", SHAPE, "--out", str(tmp_path / "m.pt")]) == 0
+        after = logger.level
+    finally:
+        logger.setLevel(level)
+        logging.getLogger().handlers = root_handlers
+        logger.handlers = handlers
+    err = capfd.readouterr().err
+    assert ("sinkhorn" in err.lower()) == shown
+    assert after == level   # main() restores the level: a later call (or library use) is unaffected
