@@ -3,11 +3,13 @@
 with RESET (BatchNorm models), REPAIR and RESCALE (of the merged layers only), and the parameter /
 FLOP multipliers against one model.
 
-Usage: python benchmarks/pfm.py [--models vgg,resnet20x1] [--epochs 30] [--method activation]
+Usage: python benchmarks/pfm.py [--models vgg,resnet20x1] [--epochs 30] [--method activation] [--pairs N]
 Pairs are trained as in benchmarks/merge_quality.py (seeds 1 and 2), aligned by activation
 matching (as the paper's Table 1; ``--method activation_shift``: statistics on all sites over the
 training inputs and their one-pixel shifts, as merge_quality.py's row of that name), merged at
 alpha = 0.5. Writes benchmarks/results/pfm.md / .json (pfm_METHOD.md / .json for another method).
+``--pairs N`` trains N pairs (seeds 1 and 2, 3 and 4, ...) and writes pfm[_METHOD]_pairsN.md / .json
+with the mean and standard deviation over the pairs of every accuracy, as the paper's Table 1.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from merge_quality import digits, evaluate, match_options, train  # noqa: E402
 ROWS = {"vgg": None, "resnet20x1": [0, 3, 6, 9, 13, 16, 19, 20]}
 
 
-def run_model(name, epochs, train_set, test_set, method="activation"):
+def run_model(name, epochs, train_set, test_set, method="activation", seeds=(1, 2)):
     factory, _ = MODELS[name]
     (xtr, ytr), (xte, yte) = train_set, test_set
     t0 = time.perf_counter()
-    a, b = train(factory, xtr, ytr, 1, epochs), train(factory, xtr, ytr, 2, epochs)
+    a, b = train(factory, xtr, ytr, seeds[0], epochs), train(factory, xtr, ytr, seeds[1], epochs)
     train_s = time.perf_counter() - t0
     data = list(xtr.split(256))
     with torch.no_grad():
@@ -67,6 +69,21 @@ def run_model(name, epochs, train_set, test_set, method="activation"):
     return row
 
 
+def _table(r, norms, ends, value, text):
+    """The PFM table's lines, and the first row within 1.3x parameters whose ``value`` (an
+    accuracy) reaches ``ends`` under some normalization: (l, cell, normalizations) or None."""
+    lines = ["| PFM | " + " | ".join(f"mid acc ({n})" for n in norms) + " | params | FLOPs |",
+             "| --- | " + " | ".join("---:" for _ in norms) + " | ---: | ---: |"]
+    best = None
+    for l, c in r["pfm"].items():
+        accs = " | ".join(text(c[n]) + (" *" if value(c[n]) >= ends else "") for n in norms)
+        lines.append(f"| PFM {l}/{r['L']} | {accs} | {c['param_x']:.2f}x | {c['flop_x']:.2f}x |")
+        hit = [n for n in norms if value(c[n]) >= ends]
+        if best is None and c["param_x"] <= 1.3 and hit:
+            best = (l, c, hit)
+    return lines, best
+
+
 def render(rows, args):
     lines = ["# Preserve-First Merging on digits", "",
              f"`python benchmarks/pfm.py --epochs {args.epochs}"
@@ -87,20 +104,49 @@ def render(rows, args):
         norms = [k for k in next(iter(r["pfm"].values())) if k not in ("param_x", "flop_x")]
         lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters, L = {r['L']})", "",
                   f"endpoints {100 * r['acc_a']:.1f} / {100 * r['acc_b']:.1f} (mean {100 * ends:.1f}); "
-                  f"ensemble {100 * r['ensemble']:.1f}", "",
-                  "| PFM | " + " | ".join(f"mid acc ({n})" for n in norms) + " | params | FLOPs |",
-                  "| --- | " + " | ".join("---:" for _ in norms) + " | ---: | ---: |"]
-        best = None
-        for l, c in r["pfm"].items():
-            accs = " | ".join(f"{100 * c[n]:.1f}" + (" *" if c[n] >= ends else "") for n in norms)
-            lines.append(f"| PFM {l}/{r['L']} | {accs} | {c['param_x']:.2f}x | {c['flop_x']:.2f}x |")
-            hit = [n for n in norms if c[n] >= ends]
-            if best is None and c["param_x"] <= 1.3 and hit:
-                best = (l, c, hit)
-        lines += ["", "`*`: at or above the endpoints' mean. " + (
+                  f"ensemble {100 * r['ensemble']:.1f}", ""]
+        table, best = _table(r, norms, ends, lambda v: v, lambda v: f"{100 * v:.1f}")
+        lines += table + ["", "`*`: at or above the endpoints' mean. " + (
             f"Target met: PFM {best[0]}/{r['L']} with {best[1]['param_x']:.2f}x parameters "
             f"({', '.join(best[2])})." if best else
             "Target (<= 1.3x parameters, >= endpoints' mean) not met."), ""]
+    return "\n".join(lines)
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per-cell mean and standard deviation over pairs (rows of `run_model`, same model)."""
+    def ms(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
+
+    first = runs[0]
+    out = {"L": first["L"], "params": first["params"], "pairs": len(runs),
+           "ends": ms([(r["acc_a"] + r["acc_b"]) / 2 for r in runs]), "ensemble": ms([r["ensemble"] for r in runs]),
+           "pfm": {}}
+    for l, c in first["pfm"].items():
+        out["pfm"][l] = {k: (v if k in ("param_x", "flop_x") else ms([r["pfm"][l][k] for r in runs]))
+                         for k, v in c.items()}
+    return out
+
+
+def render_pairs(rows, args) -> str:
+    lines = ["# Preserve-First Merging on digits, mean over pairs", "",
+             f"`python benchmarks/pfm.py --epochs {args.epochs} --models {args.models} --pairs {args.pairs}"
+             + (f" --method {args.method}" if args.method != "activation" else "")
+             + f"`: as `pfm.md`, for {args.pairs} pairs (seeds 1 and 2, 3 and 4, ...); every accuracy is the mean "
+             "+- standard deviation over the pairs (the paper's Table 1 reports the same). `*`: the mean is at "
+             "or above the mean of the endpoints' means.", ""]
+    for name, r in rows.items():
+        ends = r["ends"]["mean"]
+        norms = [k for k in next(iter(r["pfm"].values())) if k not in ("param_x", "flop_x")]
+        lines += [f"## {name} (L = {r['L']}, {r['pairs']} pairs)", "",
+                  f"endpoints' mean {100 * ends:.1f} +- {100 * r['ends']['std']:.1f}; ensemble "
+                  f"{100 * r['ensemble']['mean']:.1f} +- {100 * r['ensemble']['std']:.1f}", ""]
+        table, best = _table(r, norms, ends, lambda v: v["mean"],
+                             lambda v: f"{100 * v['mean']:.1f} +- {100 * v['std']:.1f}")
+        lines += table + ["", (f"Target met on the mean: PFM {best[0]}/{r['L']} with {best[1]['param_x']:.2f}x parameters "
+                       f"({', '.join(best[2])})." if best else
+                       "Target (<= 1.3x parameters, mean >= the endpoints' mean) not met."), ""]
     return "\n".join(lines)
 
 
@@ -111,13 +157,26 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--method", default="activation", choices=["activation", "activation_shift", "weight"],
                     help="how the pair is aligned (merge_quality.py's methods of those names)")
+    ap.add_argument("--pairs", type=int, default=1, help="pairs to train and average over (seeds 1-2, 3-4, ...)")
     args = ap.parse_args()
+    if args.pairs < 1:
+        ap.error(f"--pairs {args.pairs}: pass at least 1")
     stem = "pfm" if args.method == "activation" else f"pfm_{args.method}"
     torch.set_num_threads(1)
     train_set, test_set = digits()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = {}
+    if args.pairs > 1:
+        stem += f"_pairs{args.pairs}"
+        for name in args.models.split(","):
+            runs = [run_model(name, args.epochs, train_set, test_set, args.method, (2 * k + 1, 2 * k + 2))
+                    for k in range(args.pairs)]
+            rows[name] = {**summarize(runs), "runs": runs}
+            (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+            (out / f"{stem}.md").write_text(render_pairs(rows, args))
+        print(render_pairs(rows, args))
+        return
     for name in args.models.split(","):
         rows[name] = run_model(name, args.epochs, train_set, test_set, args.method)
         (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
