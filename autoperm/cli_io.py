@@ -67,8 +67,9 @@ def _load_model(name: str, input_shape: tuple[int, ...] | None):
         raise CLIError(f"cannot build MODEL {name!r}: {type(e).__name__}: {e}", EXIT_MODEL) from e
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"MODEL {name!r} returned {type(model).__name__}, not a torch.nn.Module", EXIT_MODEL)
-    if input_shape:
-        inputs = (torch.randn(*input_shape),)
+    if input_shape:  # in the model's floating dtype (a float64 factory gets float64 inputs)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        inputs = (torch.randn(*input_shape, dtype=dtype),)
     elif is_file:
         from .merging import infer_example_inputs
 

@@ -41,6 +41,10 @@ def make(width=8):
 
 def narrow():
     return Res(4)
+
+
+def make64():
+    return Res().double()
 '''
 SHAPE = "2,1,4,4"
 
@@ -211,6 +215,20 @@ def test_merge_casts_float64_data_to_the_model_dtype(checkpoints, model_file, tm
     assert "casting the inputs to float32" in caplog.text
     got, expected = (torch.load(outs[t], weights_only=True) for t in ("64", "32"))
     assert all(got[k].dtype == expected[k].dtype and torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
+
+
+def test_input_shape_follows_a_float64_model(checkpoints, model_file, tmp_path):
+    """--input-shape inputs take the model's dtype: a float64 factory merges (it failed in
+    tracing on float32 inputs) and gives the float32 merge's weights in float64."""
+    paths, _ = checkpoints
+    outs = {}
+    for factory in ("make", "make64"):
+        outs[factory] = tmp_path / f"{factory}.pt"
+        assert main(["merge", str(paths["a"]), str(paths["b"]), "--model", f"{model_file}:{factory}",
+                     "--input-shape", SHAPE, "--out", str(outs[factory])]) == 0
+    got, expected = (torch.load(outs[f], weights_only=True) for f in ("make64", "make"))
+    assert got["stem.weight"].dtype == torch.float64
+    assert all(torch.allclose(got[k].float(), expected[k].float(), atol=1e-5) for k in expected)
 
 
 def test_merge_with_data_and_reset(checkpoints, model_file, tmp_path, capsys):
