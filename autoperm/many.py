@@ -24,7 +24,9 @@ from torch import nn
 
 from ._copy import copy_module
 from .merge import average_states, check_compatible
-from .merging import _reiterable, check_normalize, combine, match
+from .analysis import analyze_with_sites
+from .match import NEEDS_GRAPH
+from .merging import _reiterable, check_normalize, combine, match, match_compiled
 from .permute import compose, identity_permutation, invert, permute_state_dict
 from .spec import PermutationSpec
 
@@ -65,17 +67,21 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
                 steps=steps, lr=lr)
     al = match(first, models[1], spec, **opts)
     spec = al.spec
-    perms = [identity_permutation(spec), al.perms] + [match(first, m, spec, **opts).perms for m in models[2:]]
+    # every later match has model_a = first or a copy of it with other weights: one export serves all
+    compiled = (spec, al.traced, analyze_with_sites(al.traced)[1]) \
+        if al.traced is not None and method in NEEDS_GRAPH else None
+    perms = [identity_permutation(spec), al.perms] + [match_compiled(first, m, spec, compiled, **opts).perms
+                                                      for m in models[2:]]
     states = [m.state_dict() for m in models]
     if reference == "average" and len(models) > 2:
-        perms = _iterate(first, models, states, spec, perms, opts, max_rounds)
+        perms = _iterate(first, models, states, spec, perms, opts, max_rounds, compiled)
     aligned = [permute_state_dict(s, spec, p) for s, p in zip(states, perms)]
     weights = [1.0 / len(models)] * len(models)
     return combine(first, aligned, weights, al, normalize=normalize, data=data, example_inputs=example_inputs,
                    bias_layers=bias_layers)
 
 
-def _iterate(first, models, states, spec, perms, opts, max_rounds):
+def _iterate(first, models, states, spec, perms, opts, max_rounds, compiled=None):
     """Re-align each model to the average of the others until nothing changes; then express every
     permutation in the first model's frame."""
     aligned = [permute_state_dict(s, spec, p) for s, p in zip(states, perms)]
@@ -84,7 +90,7 @@ def _iterate(first, models, states, spec, perms, opts, max_rounds):
         changed = 0
         for i, model in enumerate(models):
             target.load_state_dict(average_states([s for j, s in enumerate(aligned) if j != i]))
-            new = match(target, model, spec, **opts).perms
+            new = match_compiled(target, model, spec, compiled, **opts).perms
             if any(not torch.equal(new[g], perms[i][g]) for g in new):
                 perms[i] = new
                 aligned[i] = permute_state_dict(states[i], spec, new)

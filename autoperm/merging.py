@@ -133,6 +133,19 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
         al = autoperm.match(model_a, model_b, method="ste", data=loader, loss_fn=F.cross_entropy)
         al = autoperm.match(model_a, model_b, starts=1, max_iter=1)   # fast: one pass of one descent
     """
+    return match_compiled(model_a, model_b, spec, None, method=method, data=data, example_inputs=example_inputs,
+                          loss_fn=loss_fn, seed=seed, max_iter=max_iter, features=features, steps=steps, lr=lr,
+                          starts=starts, tol=tol)
+
+
+def match_compiled(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None, compiled: tuple | None, *,
+                   method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
+                   loss_fn: Callable | None = None, seed: int = 0, max_iter: int = 100, features: str = "pre",
+                   steps: int | None = None, lr: float | None = None, starts: int | None = None,
+                   tol: float | None = None) -> Alignment:
+    """`match`, reusing ``compiled`` = (spec, traced graph, activation sites) from an earlier
+    `_compile_a` of a model with model_a's architecture and constants (`merge_many` aligns many
+    models to copies of one: one export instead of one per call); None compiles model_a."""
     check_compatible(model_a, model_b)
     data = _reiterable(data)
     n_inputs = input_count(spec, example_inputs)
@@ -141,7 +154,7 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
                        loss_fn=loss_fn, steps=steps, lr=lr, model_a=model_a, n_inputs=n_inputs,
                        starts=starts, tol=tol)
     if method in NEEDS_GRAPH or spec is None:
-        ctx.spec, ctx.traced, ctx.sites = _compile_a(model_a, spec, example_inputs, data)
+        ctx.spec, ctx.traced, ctx.sites = compiled or _compile_a(model_a, spec, example_inputs, data)
     else:
         spec.check_model(model_a.state_dict())
     spec = ctx.spec

@@ -90,3 +90,24 @@ def test_errors():
         autoperm.merge_many([a, a], reference="median")
     with pytest.raises(ValueError, match="normalize='reset' measures activations and needs data="):
         autoperm.merge_many([a, a], normalize="reset")
+
+def test_activation_matching_exports_once_with_the_same_result(monkeypatch):
+    """merge_many with activation matching aligns every model to the first or to copies of it
+    with averaged weights: one export serves every call (it exported once per call before), and
+    the result is exactly what compiling per call gives."""
+    import autoperm.merging as merging
+    import autoperm.many as many
+
+    models, x, _ = trained_mlps(range(4))
+    data = list(x.split(64))
+    calls = []
+    real_capture = merging.capture
+    monkeypatch.setattr(merging, "capture", lambda *a, **k: calls.append(1) or real_capture(*a, **k))
+    once = autoperm.merge_many(models, method="activation", data=data)
+    assert len(calls) == 1
+    real_match = many.match_compiled
+    monkeypatch.setattr(many, "match_compiled", lambda a, b, spec, compiled, **kw: real_match(a, b, spec, None, **kw))
+    per_call = autoperm.merge_many(models, method="activation", data=data)
+    assert len(calls) > 4                                    # control: compiling per call exports every time
+    assert max_diff(once, per_call) == 0.0
+    assert max_diff(once, autoperm.merge_many(models, method="identity")) > 1e-3   # alignment did something
