@@ -35,6 +35,7 @@ from torch import nn
 
 from ..spec import PermutationSpec
 from .partial_graph import param_layouts
+from .._progress import progress
 from .partial_widen import Extension, buffer_count, widen_dim
 
 __all__ = ["Benefit", "Greedy", "GreedyStep", "benefit_factors", "benefit_greedy", "benefit_order", "widened_params"]
@@ -104,7 +105,7 @@ def benefit_factors(model_a: nn.Module, model_b: nn.Module, alignment, data: Ite
     base = partial_widen(model_a, model_b, alignment, partial=0.0, **common)
     score0 = _metric(evaluate(base.module))
     out: dict[str, Benefit] = {}
-    for name in names:
+    for name in progress(names, desc="benefit factors", total=len(names)):
         res = partial_widen(model_a, model_b, alignment, partial={name: gamma}, **common)
         if name in res.frozen or res.widths[name][1] == res.widths[name][0]:
             log.info("benefit order: group %s cannot be widened (%s)", name, res.frozen.get(name, "no buffer"))
@@ -242,7 +243,7 @@ def benefit_greedy(model_a: nn.Module, model_b: nn.Module, alignment, data: Iter
     params = full.params
     while True:
         best = None
-        for name in names:
+        for name in progress(names, desc=f"benefit greedy step {len(out.path)}", total=len(names)):
             if name in out.frozen or gammas.get(name, 0.0) >= 1.0:
                 continue
             trial, predicted = dict(gammas), 0
