@@ -5,6 +5,7 @@ single-axis permutation changes the output (negative control)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import autoperm
 from autoperm.zoo import load
@@ -74,3 +75,23 @@ def test_rope_and_rel_pos_vits_get_head_and_v_head_dim_groups(name, kwargs):
     assert {(h, o, 1, d) for o in (0, e, 2 * e)} <= layouts, layouts  # heads of q, k and v
     assert (d, 2 * e, h, 1) in layouts  # head_dim of v
     assert ((d, 0, h, 1) in layouts) == ("samvit" in name)  # q / k head_dim: frozen by EVA's RoPE table
+
+
+@pytest.mark.parametrize("name", ["torchvision:mobilenet_v3_small", "timm:deit_tiny_patch16_224"])
+def test_weight_matching_recovers_a_permuted_copy_where_the_identity_start_sticks(name):
+    """Random inits with BatchNorm / LayerNorm weights of one and biases of zero give the descent
+    from the identity little signal: on these models it settled with most groups wrong. The
+    default now also runs the invariant start when B's tensors have A's norms (a permuted copy)
+    and the identity start fell short of |A| |B|, and recovers every permutation."""
+    from autoperm.match import weight as weight_module
+
+    model, x = load(name, image_size=64)
+    spec = autoperm.trace(model, x, verify=False)
+    planted = autoperm.random_permutation(spec, seed=3, derangement=True)
+    copy = autoperm.permute(model, spec, planted)
+    truth = autoperm.invert(planted, spec)
+    stuck = autoperm.match(model, copy, spec, starts=1).perms   # control: the identity start alone
+    assert sum(not torch.equal(stuck[g], truth[g]) for g in truth) > len(truth) // 2
+    found = autoperm.match(model, copy, spec)
+    assert weight_module.last_profile["starts"] == 2
+    assert all(torch.equal(found.perms[g], truth[g]) for g in truth)

@@ -262,32 +262,47 @@ class Descent:
             self.clean.add(g.name)
         return False, 0.0
 
+    def solve_invariant(self, g: PermGroup, others: frozenset[str]) -> bool:
+        """Group g's assignment on a cost that sums out every dim and factor of the groups in
+        ``others`` (features invariant to their permutations, so what they are set to does not
+        matter), taken whatever the objective does meanwhile: a start for the descent, not a
+        descent step. For a permuted copy of A it is g's true permutation wherever g's units
+        differ in those features, whatever the other groups' guesses."""
+        cost = self.full_cost(g, others)
+        with Timer(self.profile, "assignment"):
+            r = solve_assignment(cost)
+        self.profile["assignments"] = self.profile.get("assignments", 0) + 1
+        if torch.equal(r, torch.arange(g.size)):
+            return False
+        self.assign(g, self.perms[g.name][r])
+        return True
+
     def run(self, seed: int, max_iter: int, progress, first_pass_invariant: bool = False,
             tol: float = 0.0) -> list[float]:
         """Coordinate descent over the groups in a seeded random order per pass, until a pass
         changes nothing (or, with ``tol > 0``, gains less than ``tol`` times the objective's
-        magnitude after the first pass); returns the objective after each pass."""
+        magnitude after the first pass); returns the objective after each pass. With
+        ``first_pass_invariant`` the first pass sets every group by `solve_invariant` (each on
+        features invariant to all the other groups) and the descent starts from there."""
         gen = torch.Generator().manual_seed(int(seed))
         history: list[float] = []
         groups = self.spec.groups
-        unknown = {g.name for g in groups} if first_pass_invariant else set()
+        names = frozenset(g.name for g in groups)
         for it in _progress_bar(range(max_iter), desc="weight matching passes", total=max_iter):
             changed = False
             for gi in torch.randperm(len(groups), generator=gen).tolist():
                 g = groups[gi]
-                if unknown:
-                    unknown.discard(g.name)
-                    step_changed, _ = self.solve(g, frozenset(unknown))
+                if first_pass_invariant and it == 0:
+                    changed |= self.solve_invariant(g, names - {g.name})
                 else:
                     step_changed, _ = self.solve(g)
-                changed |= step_changed
-            unknown = set()
+                    changed |= step_changed
             history.append(self.objective)
             self.profile["passes"] = self.profile.get("passes", 0) + 1
             log.info("weight matching pass %d: objective %.6g", it + 1, history[-1])
             if progress is not None:
                 progress(it + 1, history[-1])
-            if not changed:
+            if not changed and not (first_pass_invariant and it == 0):  # the invariant pass only starts a descent
                 break
             if tol > 0 and len(history) > 1 and history[-1] - history[-2] < tol * abs(history[-2]):
                 log.info("weight matching: pass %d gained less than tol=%g of the objective; stopping", it + 1, tol)
