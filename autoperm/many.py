@@ -60,8 +60,8 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
         raise ValueError(f"max_rounds={max_rounds!r}: pass a non-negative integer")
     check_normalize(normalize, data, bias_layers)
     first = models[0]
-    for m in models[1:]:
-        check_compatible(first, m)
+    for i, m in enumerate(models[1:], 1):
+        check_compatible(first, m, ("models[0]", f"models[{i}]"))
     data = _reiterable(data)
     opts = dict(method=method, data=data, example_inputs=example_inputs, loss_fn=loss_fn, seed=seed,
                 steps=steps, lr=lr)

@@ -211,6 +211,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     """
     check_normalize(normalize, data, bias_layers)
     alpha = as_alpha(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        log.warning("alpha=%g lies outside [0, 1]: extrapolating past %s", alpha, "model_a" if alpha < 0 else "model_b")
     check_compatible(model_a, model_b)
     data = _reiterable(data)
     if preserve_first and partial:
@@ -240,6 +242,16 @@ def _check_partial(partial: Any) -> None:
     if isinstance(partial, bool) or not isinstance(partial, (int, float, dict, Partial)):
         raise ValueError(f"partial={partial!r}: pass a share of buffer units in [0, 1], a dict "
                          "{group name: share}, or an autoperm.Partial(...) with the assignment options")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """Log ``message`` as a warning the first time ``key`` comes up in this process (an
+    interpolation curve merges many times), at INFO after that."""
+    log.log(logging.INFO if key in _WARNED else logging.WARNING, message)
+    _WARNED.add(key)
 
 
 def check_normalize(normalize: str | None, data: Any, bias_layers: int | None) -> None:
@@ -284,6 +296,7 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
     merged = copy_with_state(model_a, state)
     if normalize == "reset":
         merged = reset_batchnorm(merged, data, n_inputs)
-    elif has_batchnorm(merged):
-        log.info("BatchNorm statistics were interpolated; normalize='reset' with data is usually far better")
+    elif has_batchnorm(merged) and sum(w > 0 for w in weights) > 1:
+        _warn_once("bn", "BatchNorm statistics were interpolated, which usually breaks a merged model; "
+                   "normalize='reset' with data= recomputes them")
     return merged.train(model_a.training)

@@ -90,6 +90,10 @@ def test_errors():
         autoperm.merge_many([a, a], reference="median")
     with pytest.raises(ValueError, match="normalize='reset' measures activations and needs data="):
         autoperm.merge_many([a, a], normalize="reset")
+    wrong = autoperm.perturbed(ZOO["mlp"][0](), 3).float()     # float32 beside float64 models
+    with pytest.raises(ValueError, match=r"in models\[0\] but torch.float32 .* in models\[2\]"):
+        autoperm.merge_many([a, a, wrong])
+
 
 def test_activation_matching_exports_once_with_the_same_result(monkeypatch):
     """merge_many with activation matching aligns every model to the first or to copies of it

@@ -371,3 +371,43 @@ def test_lazy_module_gets_a_clear_error():
         autoperm.trace(model, torch.randn(5, 4))
     model(torch.randn(5, 4))  # materialized: traces
     assert autoperm.trace(model, torch.randn(5, 4)).groups
+
+
+def test_reset_keeps_model_a_integer_buffers():
+    """normalize='reset' recounted num_batches_tracked (the batches of data=), though integer
+    buffers come from model_a; the running statistics are still recomputed."""
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).eval()
+            for _ in range(2))
+    a[1].num_batches_tracked.fill_(7)
+    b[1].num_batches_tracked.fill_(3)
+    data = [torch.randn(8, 2, 4, 4) for _ in range(3)]
+    plain = autoperm.merge(a, b, example_inputs=data[0])
+    merged = autoperm.merge(a, b, normalize="reset", data=data)
+    assert int(merged[1].num_batches_tracked) == 7 == int(a[1].num_batches_tracked)
+    assert not torch.allclose(merged[1].running_var, plain[1].running_var)
+
+
+def test_interpolated_batchnorm_and_extrapolation_are_warned(caplog, monkeypatch):
+    """Merging BatchNorm models without normalize='reset' (usually a broken model) and an alpha
+    outside [0, 1] were only logged at INFO or not at all; the BatchNorm warning comes once per
+    process (a curve merges many times) and not at an endpoint."""
+    import logging
+
+    import autoperm.merging as merging
+
+    monkeypatch.setattr(merging, "_WARNED", set())
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).eval()
+            for _ in range(2))
+    x = torch.randn(4, 2, 4, 4)
+    with caplog.at_level(logging.INFO, logger="autoperm"):
+        autoperm.merge(a, b, alpha=0.0, example_inputs=x)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        autoperm.merge(a, b, example_inputs=x)
+        autoperm.merge(a, b, alpha=0.3, example_inputs=x)
+        bn = [r for r in caplog.records if "BatchNorm statistics were interpolated" in r.getMessage()]
+        assert [r.levelno for r in bn] == [logging.WARNING, logging.INFO]
+        autoperm.merge(a, b, alpha=1.5, example_inputs=x)
+        assert any(r.levelno == logging.WARNING and "alpha=1.5 lies outside [0, 1]" in r.getMessage()
+                   for r in caplog.records)

@@ -19,22 +19,23 @@ from ..errors import SpecError
 __all__ = ["check_compatible", "interpolate_state", "average_states", "as_alpha"]
 
 
-def check_compatible(model_a: nn.Module, model_b: nn.Module) -> None:
+def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str] = ("model_a", "model_b")) -> None:
     """Raise naming the first difference: a missing tensor, a shape, a dtype, a device, or a
-    non-finite value."""
+    non-finite value (``names``: what to call the two models in the message)."""
+    first, second = names
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for name in list(sa) + [n for n in sb if n not in sa]:
         if name not in sa or name not in sb:
-            which = "model_b" if name not in sb else "model_a"
+            which = second if name not in sb else first
             raise SpecError(f"the models' architectures differ: {which} has no tensor {name!r}")
         ta, tb = sa[name], sb[name]
         if ta.shape != tb.shape:
             raise SpecError(f"the models' architectures differ: {name!r} has shape {list(ta.shape)} in "
-                            f"model_a and {list(tb.shape)} in model_b")
+                            f"{first} and {list(tb.shape)} in {second}")
         if ta.dtype != tb.dtype or ta.device != tb.device:
-            raise SpecError(f"{name!r} is {ta.dtype} on {ta.device} in model_a but {tb.dtype} on "
-                            f"{tb.device} in model_b; move both models to one device and dtype first")
-        for who, t in (("model_a", ta), ("model_b", tb)):
+            raise SpecError(f"{name!r} is {ta.dtype} on {ta.device} in {first} but {tb.dtype} on "
+                            f"{tb.device} in {second}; move both models to one device and dtype first")
+        for who, t in ((first, ta), (second, tb)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{who} has non-finite values in {name!r}")
 

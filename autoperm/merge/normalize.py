@@ -25,9 +25,10 @@ def has_batchnorm(model: nn.Module) -> bool:
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, data: Iterable, n_inputs: int = 1) -> nn.Module:
     """Recompute BatchNorm running statistics of ``model`` (in place; pass a copy) as the exact
-    average over ``data``; returns the model in eval mode."""
+    average over ``data``; ``num_batches_tracked`` keeps its value. Returns the model in eval mode."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = {m: m.momentum for m in bns}
+    counts = {m: m.num_batches_tracked.clone() for m in bns if m.num_batches_tracked is not None}
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: the exact mean over the batches seen
@@ -45,6 +46,8 @@ def reset_batchnorm(model: nn.Module, data: Iterable, n_inputs: int = 1) -> nn.M
     finally:
         for m, mom in saved.items():
             m.momentum = mom
+        for m, n in counts.items():  # an integer buffer: model_a's, as every other one (not the batches seen here)
+            m.num_batches_tracked.copy_(n)
     if batches == 0:
         raise ValueError("normalize='reset' got no batches in data")
     check_samples(samples, "normalize='reset'")
