@@ -121,7 +121,9 @@ def _check_fits(state: dict, model, what: str, path: str) -> None:
     for k, t in expected.items():
         if tuple(state[k].shape) != tuple(t.shape):
             raise CLIError(f"tensor {k!r} has shape {list(state[k].shape)} in {what} checkpoint {path!r} but "
-                           f"{list(t.shape)} in the model; is --model the right architecture?", EXIT_MISMATCH)
+                           f"{list(t.shape)} in the model; is --model the right architecture? (a model built for another input "
+                           "size, e.g. a ViT's pos_embed, needs --input-shape N,C,H,W at the checkpoint's size)",
+                           EXIT_MISMATCH)
 
 
 def _load_data(path: str, batch_size: int) -> tuple[list, Any]:
