@@ -277,32 +277,43 @@ class Descent:
         self.assign(g, self.perms[g.name][r])
         return True
 
-    def run(self, seed: int, max_iter: int, progress, first_pass_invariant: bool = False,
+    def run(self, seed: int, max_iter: int, progress, first_pass_invariant: str | None = None,
             tol: float = 0.0) -> list[float]:
         """Coordinate descent over the groups in a seeded random order per pass, until a pass
         changes nothing (or, with ``tol > 0``, gains less than ``tol`` times the objective's
-        magnitude after the first pass); returns the objective after each pass. With
-        ``first_pass_invariant`` the first pass sets every group by `solve_invariant` (each on
-        features invariant to all the other groups) and the descent starts from there."""
+        magnitude after the first pass); returns the objective after each pass.
+        ``first_pass_invariant="sequential"``: the first pass solves each group with the dims of
+        the groups not visited yet summed out (their slots carry only noise so far), as a descent
+        step; ``"independent"``: it sets every group by `solve_invariant` with *every* other
+        group summed out (no group's guess can mislead another's; the start that recovers
+        permuted copies where the others get stuck), and the descent starts from there."""
+        if first_pass_invariant not in (None, "sequential", "independent"):
+            raise ValueError(f"first_pass_invariant={first_pass_invariant!r}: None, 'sequential' or 'independent'")
         gen = torch.Generator().manual_seed(int(seed))
         history: list[float] = []
         groups = self.spec.groups
         names = frozenset(g.name for g in groups)
+        unknown = set(names) if first_pass_invariant == "sequential" else set()
         for it in _progress_bar(range(max_iter), desc="weight matching passes", total=max_iter):
             changed = False
             for gi in torch.randperm(len(groups), generator=gen).tolist():
                 g = groups[gi]
-                if first_pass_invariant and it == 0:
+                if first_pass_invariant == "independent" and it == 0:
                     changed |= self.solve_invariant(g, names - {g.name})
+                elif unknown:
+                    unknown.discard(g.name)
+                    step_changed, _ = self.solve(g, frozenset(unknown))
+                    changed |= step_changed
                 else:
                     step_changed, _ = self.solve(g)
                     changed |= step_changed
+            unknown = set()
             history.append(self.objective)
             self.profile["passes"] = self.profile.get("passes", 0) + 1
             log.info("weight matching pass %d: objective %.6g", it + 1, history[-1])
             if progress is not None:
                 progress(it + 1, history[-1])
-            if not changed and not (first_pass_invariant and it == 0):  # the invariant pass only starts a descent
+            if not changed and not (first_pass_invariant == "independent" and it == 0):  # it only starts a descent
                 break
             if tol > 0 and len(history) > 1 and history[-1] - history[-2] < tol * abs(history[-2]):
                 log.info("weight matching: pass %d gained less than tol=%g of the objective; stopping", it + 1, tol)
