@@ -150,10 +150,7 @@ def cmd_spec(args: argparse.Namespace) -> int:
 
 def _summary(name: str, inputs, spec, cov, seconds: float) -> str:
     sizes = sorted(g.size for g in spec.groups)
-    reasons: dict[str, int] = {}
-    for why, n in spec.frozen_reasons().items():
-        reasons[why.split(" at ")[0]] = reasons.get(why.split(" at ")[0], 0) + n
-    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+    top = sorted(spec.frozen_reasons(locations=False).items(), key=lambda kv: -kv[1])[:3]
     meta = spec.meta
     check = (f", check {meta['verify_s']:.1f}s: max relative error {meta['verify_error']:.1e}"
              if "verify_s" in meta else ", not checked (--no-verify)")

@@ -133,11 +133,14 @@ class PermutationSpec:
     def frozen_of(self, tensor: str) -> list[Frozen]:
         return [f for f in self.frozen if f.tensor == tensor]
 
-    def frozen_reasons(self) -> dict[str, int]:
-        """How many frozen entries each reason accounts for."""
+    def frozen_reasons(self, locations: bool = True) -> dict[str, int]:
+        """How many frozen entries each reason accounts for; with ``locations=False`` reasons
+        that differ only in where they arose (the rules' ``"... at layer (file.py:88)"``) count
+        as one, e.g. ``{"convolution window (spatial dims)": 118}`` on densenet121."""
         counts: dict[str, int] = {}
         for f in self.frozen:
-            counts[f.reason] = counts.get(f.reason, 0) + 1
+            why = f.reason if locations else f.reason.rsplit(" at ", 1)[0]
+            counts[why] = counts.get(why, 0) + 1
         return counts
 
     # ----------------------------------------------------------------- checks

@@ -86,10 +86,7 @@ def format_table(spec: "PermutationSpec") -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    reasons: dict[str, int] = {}
-    for why, n in spec.frozen_reasons().items():
-        short_why = why.split(" at ")[0]
-        reasons[short_why] = reasons.get(short_why, 0) + n
+    reasons = spec.frozen_reasons(locations=False)
     if reasons:
         short = sorted(reasons.items(), key=lambda kv: -kv[1])
         lines.append(". frozen: " + "; ".join(f"{r} ({n})" for r, n in short[:12])
@@ -176,10 +173,7 @@ def _tint(colour: str, amount: float = 0.72) -> str:
 
 
 def _caption(spec: "PermutationSpec") -> str:
-    reasons: dict[str, int] = {}
-    for why, n in spec.frozen_reasons().items():
-        reasons[why.split(" at ")[0]] = reasons.get(why.split(" at ")[0], 0) + n
-    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:4]
+    top = sorted(spec.frozen_reasons(locations=False).items(), key=lambda kv: -kv[1])[:4]
     return (f"{len(spec.groups)} groups, {len(spec.frozen)} frozen entries"
             + ("; frozen: " + "; ".join(f"{_short(r, 36)} ({n})" for r, n in top) if top else ""))
 

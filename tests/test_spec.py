@@ -120,3 +120,15 @@ def test_table_collapses_cells_with_many_slices():
     row = next(line for line in table.splitlines() if line.startswith("in_proj_weight "))
     assert f"{heads} x3" in row and " as (" not in row
     assert "acts on N slices" in table and max(len(line) for line in table.splitlines()) < 160
+
+
+def test_frozen_reasons_can_merge_locations():
+    """Two convs freeze their spatial dims at two places: one reason per place by default, one
+    count without locations (what the CLI summary and the pictures show)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3))
+    spec = autoperm.trace(model, torch.randn(1, 2, 6, 6))
+    placed = {r: n for r, n in spec.frozen_reasons().items() if r.startswith("convolution window")}
+    merged = spec.frozen_reasons(locations=False)
+    assert len(placed) == 2 and all(" at " in r for r in placed)
+    assert merged["convolution window (spatial dims)"] == sum(placed.values())
+    assert sum(merged.values()) == sum(spec.frozen_reasons().values()) == len(spec.frozen)
