@@ -90,18 +90,33 @@ def input_count(spec: PermutationSpec | None, example_inputs: Any) -> int:
     return n if isinstance(n, int) and n >= 1 else 1
 
 
+def _dtype_hint(model: nn.Module, inputs) -> str:
+    """A hint when floating inputs and the model's floating parameters differ in dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    other = sorted({str(t.dtype).replace("torch.", "") for t in inputs
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype})
+    if dtype is None or not other:
+        return ""
+    want = str(dtype).replace("torch.", "")
+    return (f" (the inputs are {'/'.join(other)} and the model's parameters {want}: cast the inputs and data=, "
+            f"e.g. x.to(torch.{want}), or the model)")
+
+
 def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs, data):
     """model_a's traced graph, its groups' activation sites, and a verified spec."""
     inputs = _inputs(model_a, example_inputs, data, input_count(spec, example_inputs))
     try:
         traced = capture(model_a, inputs)
     except ExampleInputError as e:
+        hint = _dtype_hint(model_a, inputs)
         if example_inputs is not None:
+            if hint:
+                raise ExampleInputError(f"{e}{hint}") from e
             raise
         source = "taken from the first batch of data=" if data is not None and first_inputs(data) is not None else \
             "guessed from the model's first layer"
-        raise ExampleInputError(f"{e} (these example inputs were {source}: pass example_inputs= with inputs the "
-                                "forward accepts, e.g. a tuple for a forward with several arguments)") from e
+        raise ExampleInputError(f"{e}{hint} (these example inputs were {source}: pass example_inputs= with inputs "
+                                "the forward accepts, e.g. a tuple for a forward with several arguments)") from e
     compiled, sites = analyze_with_sites(traced)
     if spec is not None and [g.name for g in spec.groups] != [g.name for g in compiled.groups]:
         raise ValueError("this method compiles model_a's graph itself and got other groups than the "

@@ -207,3 +207,15 @@ def test_emitted_module_keys_match_its_state_dict():
     for kw in (dict(partial=0.5), dict(preserve_first=1)):
         m = autoperm.merge(cnn(1), cnn(2), example_inputs=x, **kw)
         assert set(m.autoperm_keys) == set(m.state_dict()), kw
+
+
+def test_dtype_mismatch_between_data_and_model_is_named():
+    """float32 data= for a float64 model: the error said to pass a tuple for a forward with
+    several arguments; it now names both dtypes and the cast."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    with pytest.raises(autoperm.ExampleInputError, match=r"the inputs are float32 and the model's parameters "
+                                                         r"float64: cast"):
+        autoperm.merge(model, model, method="activation", data=[torch.randn(8, 4)])
+    with pytest.raises(autoperm.ExampleInputError, match="float32 and the model's parameters float64"):
+        autoperm.match(model, model, method="activation", data=[torch.randn(8, 4).double()],
+                       example_inputs=torch.randn(2, 4))
