@@ -15,7 +15,10 @@ storage, and where each node came from (module path, source line) for messages.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -125,9 +128,33 @@ def _user_frame(exc: BaseException) -> str:
     return f" at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} ({(f.line or '').strip()})"
 
 
+# torch loggers that print the partly exported graph on a failed export (several times, as autoperm
+# retries with a static batch); autoperm's own error names the cause and the user's line instead
+_NOISY = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export", "torch._export")
+
+
 def _export(model: nn.Module, inputs: tuple[torch.Tensor, ...], dynamic: bool):
     dyn = tuple({0: torch.export.Dim.AUTO} for _ in inputs) if dynamic else None
-    return torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)
+    quiet = not log.isEnabledFor(logging.DEBUG)  # autoperm at DEBUG: let torch speak
+    loggers = [logging.getLogger(n) for n in _NOISY]
+    levels = [lg.level for lg in loggers]
+    printed = io.StringIO()  # torch prints a failed export's partial graph to stderr itself
+    try:
+        if quiet:
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stderr(printed) if quiet else contextlib.nullcontext():
+            ep = torch.export.export(model, inputs, dynamic_shapes=dyn, strict=False)
+    except Exception:
+        if printed.getvalue():
+            log.debug("torch.export printed:\n%s", printed.getvalue())
+        raise
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    if printed.getvalue():  # a successful export's own messages still reach stderr
+        sys.stderr.write(printed.getvalue())
+    return ep
 
 
 def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:

@@ -219,3 +219,28 @@ def test_dtype_mismatch_between_data_and_model_is_named():
     with pytest.raises(autoperm.ExampleInputError, match="float32 and the model's parameters float64"):
         autoperm.match(model, model, method="activation", data=[torch.randn(8, 4).double()],
                        example_inputs=torch.randn(2, 4))
+
+
+def test_a_failed_export_does_not_print_torchs_partial_graph(capsys, caplog):
+    """A data-dependent branch: torch.export printed the partial graph to stderr (about four
+    times, with the static-batch retry) before autoperm's one-line cause; it is now held back
+    (logged at DEBUG) unless autoperm logs at DEBUG, and the TraceError still names the user's line."""
+    import logging
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.sum() > 0:
+                h = h * 2
+            return self.b(h)
+
+    with pytest.raises(autoperm.TraceError, match=r"if h.sum\(\) > 0"):
+        autoperm.trace(Branchy(), torch.randn(2, 4))
+    assert "def forward" not in capsys.readouterr().err
+    with caplog.at_level(logging.DEBUG, logger="autoperm"), pytest.raises(autoperm.TraceError):
+        autoperm.trace(Branchy(), torch.randn(2, 4))
+    assert "def forward" in capsys.readouterr().err   # debugging: torch's own output is shown
