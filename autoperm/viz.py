@@ -61,13 +61,16 @@ def _cells(spec: "PermutationSpec") -> dict[tuple[str, int], list[str]]:
     return cells
 
 
+_CELL_GROUPS = 4  # groups listed in one table cell before the middle ones are elided
+
+
 def format_table(spec: "PermutationSpec") -> str:
     """One row per tensor: name, shape, and what acts on each dim (group name, or ``.`` frozen)."""
     cells = _cells(spec)
     aliases = {a: c for c, names in spec.tied.items() for a in names}
     ndim = max((len(s) for s in spec.shapes.values()), default=0)
     rows = [["tensor", "shape"] + [f"dim {d}" for d in range(ndim)]]
-    collapsed = False
+    collapsed = many = False
     for name, shape in spec.shapes.items():
         row = [name, str(list(shape))]
         for d in range(ndim):
@@ -81,6 +84,9 @@ def format_table(spec: "PermutationSpec") -> str:
                     counts = Counter(v.split(" ", 1)[0] for v in vals)
                     vals = [f"{g} x{n}" if n > 1 else g for g, n in counts.items()]
                     collapsed = True
+                if len(vals) > _CELL_GROUPS:  # a concatenation of many groups (DenseNet): first and last
+                    vals = vals[:_CELL_GROUPS - 2] + [f"... +{len(vals) - _CELL_GROUPS + 1} groups ...", vals[-1]]
+                    many = True
                 row.append(", ".join(vals) if vals else ("." if shape[d] > 1 else ""))
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -101,6 +107,8 @@ def format_table(spec: "PermutationSpec") -> str:
         lines.append(f"... {len(kids) - 12} more parents with per-slot groups")
     if collapsed:
         lines.append("G xN: group G acts on N slices of that dim (their layouts: spec.group(G).axes)")
+    if many:
+        lines.append("... +N groups ...: the dim concatenates more groups than shown (all: spec.axes_of(tensor))")
     lines.append(f"{len(spec.groups)} groups, {sum(len(g.axes) for g in spec.groups)} axes, "
                  f"{len(spec.frozen)} frozen entries")
     return "\n".join(lines)

@@ -132,3 +132,22 @@ def test_frozen_reasons_can_merge_locations():
     assert len(placed) == 2 and all(" at " in r for r in placed)
     assert merged["convolution window (spatial dims)"] == sum(placed.values())
     assert sum(merged.values()) == sum(spec.frozen_reasons().values()) == len(spec.frozen)
+
+
+def test_table_elides_a_concatenation_of_many_groups():
+    """A dim that concatenates many groups (DenseNet) listed every group name in its cell
+    (densenet121: lines of 2096 characters); the cell now shows the first and last ones."""
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.parts = nn.ModuleList(nn.Conv2d(2, 3, 1) for _ in range(7))
+            self.head = nn.Conv2d(21, 4, 1)
+
+        def forward(self, x):
+            return self.head(torch.cat([p(x) for p in self.parts], 1))
+
+    spec = autoperm.trace(Cat(), torch.randn(1, 2, 3, 3))
+    row = next(line for line in spec.table().splitlines() if line.startswith("head.weight"))
+    assert "parts.1" in row and "parts.6" in row and "... +4 groups ..." in row and "parts.2" not in row
+    assert "the dim concatenates more groups than shown" in spec.table()
+    assert len({g.name for g, _ in spec.axes_of("head.weight")}) == 7
