@@ -7,7 +7,13 @@ from typing import Any, Iterable
 
 import torch
 
-__all__ = ["batch_inputs", "batch_target", "first_inputs", "stat_inputs", "check_samples"]
+__all__ = ["batch_inputs", "batch_target", "first_inputs", "stat_inputs", "check_samples", "float_dtype"]
+
+
+def float_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (None without one): what its
+    inputs should be cast to."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def batch_inputs(batch: Any, n_inputs: int = 1) -> tuple[torch.Tensor, ...]:

@@ -227,21 +227,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _to_model(data: list, model, device) -> list:
     """``--data`` batches on ``device``, their floating-point inputs cast to the model's floating
     dtype (a float64 file for a float32 model; targets are left alone), with a warning."""
+    from ._data import float_dtype
     from ._progress import progress
 
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype = float_dtype(model)
+    first = data[0][0] if data and isinstance(data[0], tuple) else data[0] if data else None
+    if dtype is not None and first is not None and first.is_floating_point() and first.dtype != dtype:
+        log.warning("--data holds %s inputs and the model is %s: casting the inputs to %s", str(first.dtype)[6:],
+                    str(dtype)[6:], str(dtype)[6:])
 
     def inputs(t):
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            if not cast:
-                log.warning("--data holds %s inputs and the model is %s: casting the inputs to %s",
-                            str(t.dtype).replace("torch.", ""), str(dtype).replace("torch.", ""),
-                            str(dtype).replace("torch.", ""))
-            cast.append(t.dtype)
-            return t.to(device=device, dtype=dtype)
-        return t.to(device)
+        return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
 
-    cast: list = []
     return [(inputs(b[0]), *(t.to(device) for t in b[1:])) if isinstance(b, tuple) else inputs(b)
             for b in progress(data, desc="moving data", total=len(data))]
 

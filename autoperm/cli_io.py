@@ -68,8 +68,9 @@ def _load_model(name: str, input_shape: tuple[int, ...] | None):
     if not isinstance(model, torch.nn.Module):
         raise CLIError(f"MODEL {name!r} returned {type(model).__name__}, not a torch.nn.Module", EXIT_MODEL)
     if input_shape:  # in the model's floating dtype (a float64 factory gets float64 inputs)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        inputs = (torch.randn(*input_shape, dtype=dtype),)
+        from ._data import float_dtype
+
+        inputs = (torch.randn(*input_shape, dtype=float_dtype(model) or torch.float32),)
     elif is_file:
         from .merging import infer_example_inputs
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._copy import copy_with_state
-from ._data import first_inputs
+from ._data import first_inputs, float_dtype
 from .analysis import analyze_with_sites
 from .errors import ExampleInputError, ShapeMismatchError
 from .frontend import capture, normalize_inputs
@@ -92,7 +92,7 @@ def input_count(spec: PermutationSpec | None, example_inputs: Any) -> int:
 
 def _dtype_hint(model: nn.Module, inputs) -> str:
     """A hint when floating inputs and the model's floating parameters differ in dtype."""
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype = float_dtype(model)
     other = sorted({str(t.dtype).replace("torch.", "") for t in inputs
                     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype})
     if dtype is None or not other:
@@ -175,7 +175,7 @@ def match_compiled(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec
     spec = ctx.spec
     t0 = time.perf_counter()
     perms, history = run_matcher(method, ctx)
-    return Alignment(perms, method, history, time.perf_counter() - t0, spec, ctx.traced)
+    return Alignment(perms, method, history, time.perf_counter() - t0, spec, ctx.traced, ctx.sites)
 
 
 def align(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None = None, *,
