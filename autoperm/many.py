@@ -24,7 +24,6 @@ from torch import nn
 
 from ._copy import copy_module
 from .merge import average_states, check_compatible
-from .analysis import analyze_with_sites
 from .match import NEEDS_GRAPH
 from .merging import _reiterable, check_normalize, combine, match, match_compiled
 from .permute import compose, identity_permutation, invert, permute_state_dict
@@ -68,8 +67,7 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
     al = match(first, models[1], spec, **opts)
     spec = al.spec
     # every later match has model_a = first or a copy of it with other weights: one export serves all
-    compiled = (spec, al.traced, analyze_with_sites(al.traced)[1]) \
-        if al.traced is not None and method in NEEDS_GRAPH else None
+    compiled = (spec, al.traced, al.sites) if al.sites is not None and method in NEEDS_GRAPH else None
     perms = [identity_permutation(spec), al.perms] + [match_compiled(first, m, spec, compiled, **opts).perms
                                                       for m in models[2:]]
     states = [m.state_dict() for m in models]

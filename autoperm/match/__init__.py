@@ -48,6 +48,7 @@ class Alignment:
     seconds: float = 0.0
     spec: PermutationSpec | None = None
     traced: Any = field(default=None, repr=False)  # model_a's TracedGraph, reused by REPAIR
+    sites: Any = field(default=None, repr=False)   # its groups' activation sites (with traced)
 
 
 @dataclass
