@@ -71,6 +71,11 @@ def _check_budget(budget) -> None:
                          "(0.3 = +30%)")
 
 
+def _widths(spec: PermutationSpec, gammas: Mapping[str, float]) -> dict[str, int]:
+    """Units per group once each group ``g`` in ``gammas`` is widened by ``gammas[g]``."""
+    return {g: spec.group(g).size + buffer_count(x, spec.group(g).size) for g, x in gammas.items()}
+
+
 def widened_params(spec: PermutationSpec, model: nn.Module, widths: Mapping[str, int]) -> int:
     """Parameter elements of ``model`` once each group ``g`` has ``widths[g]`` units (missing
     groups keep their size): computed from shapes, no data and no model is built."""
@@ -132,22 +137,19 @@ def benefit_order(model_a: nn.Module, model_b: nn.Module, alignment, data: Itera
     base = sum(p.numel() for p in model_a.parameters())
     limit = (1.0 + float(budget)) * base
     chosen: dict[str, float] = {}
-    widths: dict[str, int] = {}
     left: list[str] = []
     for name, b in sorted(factors.items(), key=lambda kv: -kv[1].factor):
         if b.gain <= 0:
             continue
-        n = spec.group(name).size
-        trial = {**widths, name: n + buffer_count(gamma, n)}
-        if widened_params(spec, model_a, trial) <= limit:
-            widths, chosen[name] = trial, float(gamma)
+        trial = {**chosen, name: float(gamma)}
+        if widened_params(spec, model_a, _widths(spec, trial)) <= limit:
+            chosen = trial
         else:
             left.append(name)
     for name in left[:1] if fill else []:
-        n = spec.group(name).size
         for step in range(int(round(gamma / 0.05)) - 1, 0, -1):
             g = round(step * 0.05, 2)
-            if widened_params(spec, model_a, {**widths, name: n + buffer_count(g, n)}) <= limit:
+            if widened_params(spec, model_a, _widths(spec, {**chosen, name: g})) <= limit:
                 chosen[name] = g
                 break
     log.info("benefit order: widening %s within +%.0f%% parameters", chosen, 100 * budget)
@@ -188,10 +190,6 @@ class Greedy:
         _check_budget(budget)
         ok = [s for s in self.path if s.params <= (1.0 + budget) * self.base]
         return dict(ok[-1].gammas) if ok else {}
-
-
-def _widths(spec: PermutationSpec, gammas: Mapping[str, float]) -> dict[str, int]:
-    return {g: spec.group(g).size + buffer_count(x, spec.group(g).size) for g, x in gammas.items()}
 
 
 def benefit_greedy(model_a: nn.Module, model_b: nn.Module, alignment, data: Iterable,
