@@ -379,8 +379,10 @@ def test_reset_keeps_model_a_integer_buffers():
     torch.manual_seed(0)
     a, b = (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).eval()
             for _ in range(2))
-    a[1].num_batches_tracked.fill_(7)
-    b[1].num_batches_tracked.fill_(3)
+    for m, n in ((a, 7), (b, 3)):                      # non-default statistics and counters
+        m[1].running_mean.uniform_(-1, 1)
+        m[1].running_var.uniform_(0.5, 2)
+        m[1].num_batches_tracked.fill_(n)
     data = [torch.randn(8, 2, 4, 4) for _ in range(3)]
     plain = autoperm.merge(a, b, example_inputs=data[0])
     merged = autoperm.merge(a, b, normalize="reset", data=data)
