@@ -2,7 +2,8 @@
 (the Partial Model Merging thesis, ../papers/004, Figures 4.12-4.15 and 4.27-4.30).
 
 Usage: python benchmarks/partial.py [--models mlp128,vgg] [--epochs 30]
-Writes benchmarks/results/partial.png, partial.md and partial.json. Per model pair (trained as in
+Writes benchmarks/results/partial.png, partial.md and partial.json (``--pairs N``: N pairs, seeds 1
+and 2, 3 and 4, ..., averaged into partial_pairsN.png / .md / .json). Per model pair (trained as in
 benchmarks/merge_quality.py, aligned by activation matching) and with / without REPAIR:
 
 * forced: every group widened by gamma in {0, .1, .2, .3, .5, .7, 1};
@@ -45,12 +46,13 @@ EPSILONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]
 BUDGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 
 
-def run_model(name: str, epochs: int, train_set, test_set, stats_n: int, greedy_budget: float = 0.5) -> dict:
+def run_model(name: str, epochs: int, train_set, test_set, stats_n: int, greedy_budget: float = 0.5,
+              seeds: tuple[int, int] = (1, 2)) -> dict:
     factory, _ = MODELS[name]
     (xtr, ytr), (xte, yte) = train_set, test_set
     xva, yva = xtr[-400:], ytr[-400:]
     t0 = time.perf_counter()
-    a, b = train(factory, xtr, ytr, 1, epochs), train(factory, xtr, ytr, 2, epochs)
+    a, b = train(factory, xtr, ytr, seeds[0], epochs), train(factory, xtr, ytr, seeds[1], epochs)
     data = list(xtr[:stats_n].split(128))
     al = autoperm.match(a, b, method="activation", data=data)
     acc = lambda m, x, y: evaluate(m, x, y)["acc"]  # noqa: E731
@@ -84,6 +86,9 @@ def run_model(name: str, epochs: int, train_set, test_set, stats_n: int, greedy_
                                  step=0.25, alpha=0.5, normalize=norm)
         curves["greedy"] = [dict(point(norm, partial=st.gammas) if st.gammas else curves["forced"][0],
                                  gammas=st.gammas, score=st.score) for st in run.path]
+        # the same search read at the benefit order's budgets (points that line up across pairs)
+        curves["greedy_at"] = [dict(point(norm, partial=run.at(bgt)) if run.at(bgt) else curves["forced"][0],
+                                    budget=bgt, gammas=run.at(bgt)) for bgt in BUDGETS if bgt <= greedy_budget]
         row.setdefault("greedy_s", {})[tag] = time.perf_counter() - t1
         row.setdefault("greedy_evaluations", {})[tag] = run.evaluations
         full = curves["forced"][0]["acc"]
@@ -140,6 +145,78 @@ def render(rows: dict, args) -> str:
     return "\n".join(lines)
 
 
+PAIR_STRATEGIES = ("forced", "adaptive", "benefit", "greedy_at")
+
+
+def _ms(values) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0}
+
+
+def _setting(strat: str, p: dict) -> str:
+    return (f"gamma {p['gamma']}" if strat == "forced" else f"eps {p['epsilon']}" if strat == "adaptive"
+            else f"budget +{100 * p['budget']:.0f}%")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and standard deviation over pairs (rows of `run_model`, same model) of every point
+    that lines up across pairs: forced gammas, adaptive thresholds, and the benefit order and
+    greedy search at each budget (the groups they pick may differ per pair)."""
+    out = {"params": runs[0]["params"], "pairs": len(runs), "ends": _ms([r["endpoints"] for r in runs]),
+           "ensemble": _ms([r["ensemble"] for r in runs]), "curves": {}}
+    for tag in runs[0]["curves"]:
+        cs = [r["curves"][tag] for r in runs]
+        full = _ms([c["full_acc"] for c in cs])
+        barrier0 = out["ends"]["mean"] - full["mean"]
+        cur = {"full_acc": full}
+        for strat in PAIR_STRATEGIES:
+            pts = []
+            for i, p in enumerate(cs[0].get(strat, [])):
+                each = [c[strat][i] for c in cs]
+                barrier = _ms([r["endpoints"] - q["acc"] for r, q in zip(runs, each)])
+                pts.append({"setting": _setting(strat, p), "added": _ms([q["added"] for q in each]),
+                            "acc": _ms([q["acc"] for q in each]), "barrier": barrier,
+                            "reduction": 1 - barrier["mean"] / barrier0 if barrier0 > 1e-9 else float("nan")})
+            cur[strat] = pts
+        out["curves"][tag] = cur
+    return out
+
+
+def removed_within_mean(points: list[dict], limit: float = 0.30) -> float | None:
+    """Smallest mean parameter increase at which the mean barrier is gone, if within ``limit``."""
+    ok = [p["added"]["mean"] for p in points if p["barrier"]["mean"] <= 1e-12 and p["added"]["mean"] <= limit + 1e-9]
+    return min(ok) if ok else None
+
+
+def render_pairs(rows: dict, args) -> str:
+    pct = lambda v: f"{100 * v['mean']:.1f} +- {100 * v['std']:.1f}"  # noqa: E731
+    lines = ["# partial merging on digits, mean over pairs", "",
+             f"`python benchmarks/partial.py --models {','.join(rows)} --epochs {args.epochs} --pairs {args.pairs}`: "
+             f"as `partial.md`, for {args.pairs} pairs (seeds 1 and 2, 3 and 4, ...); accuracies and barriers are "
+             "the mean +- standard deviation over the pairs, added parameters the mean; reduction = share of the "
+             "full merge's mean barrier removed. The greedy search is read at the benefit order's budgets "
+             "(`Greedy.at`). Target: benefit-ordered partial merging after REPAIR removes the barrier (mean "
+             "barrier <= 0) with at most +30% parameters.", ""]
+    for name, r in rows.items():
+        lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters, {r['pairs']} pairs)", "",
+                  f"endpoints' mean {pct(r['ends'])}; ensemble {pct(r['ensemble'])}", ""]
+        for tag, c in r["curves"].items():
+            verdict = []
+            for strat, label in (("benefit", "benefit-ordered"), ("greedy_at", "greedy")):
+                hit = removed_within_mean(c[strat])
+                verdict.append(f"{label} removes the mean barrier within +30%: "
+                               + (f"yes, at +{100 * hit:.0f}%" if hit is not None else "no"))
+            lines += [f"### normalization: {tag} (full merge {pct(c['full_acc'])}; {'; '.join(verdict)})", "",
+                      "| strategy | setting | added params | acc | barrier | reduction |",
+                      "| --- | --- | ---: | ---: | ---: | ---: |"]
+            for strat in PAIR_STRATEGIES:
+                for p in c[strat]:
+                    lines.append(f"| {strat.replace('_at', '')} | {p['setting']} | {100 * p['added']['mean']:+.0f}% | "
+                                 f"{pct(p['acc'])} | {pct(p['barrier'])} | {100 * p['reduction']:.0f}% |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def plot(rows: dict, path: Path) -> None:
     import matplotlib
 
@@ -152,14 +229,18 @@ def plot(rows: dict, path: Path) -> None:
         for j, tag in enumerate(tags):
             ax = axes[i][j]
             c = r["curves"][tag]
-            for strat, style in (("forced", "o-"), ("adaptive", "s--"), ("benefit", "^-"), ("greedy", "v-.")):
+            mean = lambda v: v["mean"] if isinstance(v, dict) else v  # noqa: E731  (pair summaries)
+            greedy = "greedy_at" if "pairs" in r else "greedy"
+            for strat, style in (("forced", "o-"), ("adaptive", "s--"), ("benefit", "^-"), (greedy, "v-.")):
                 if strat not in c:
                     continue
-                pts = sorted(c[strat], key=lambda p: p["added"])
-                ax.plot([100 * p["added"] for p in pts], [100 * p["reduction"] for p in pts], style, label=strat)
+                pts = sorted(c[strat], key=lambda p: mean(p["added"]))
+                ax.plot([100 * mean(p["added"]) for p in pts], [100 * p["reduction"] for p in pts], style,
+                        label=strat.replace("_at", ""))
             ax.axhline(100, color="grey", lw=0.8, ls=":")
             ax.axvline(30, color="red", lw=0.8, ls=":")
-            ax.set_title(f"{name}, {'after REPAIR' if tag == 'repair' else 'no normalization'}")
+            ax.set_title(f"{name}, {'after REPAIR' if tag == 'repair' else 'no normalization'}"
+                         + (f" (mean of {r['pairs']} pairs)" if "pairs" in r else ""))
             ax.set_xlabel("added parameters (%)")
             ax.set_ylabel("accuracy barrier reduction (%)")
             ax.legend(fontsize=8)
@@ -175,11 +256,27 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--append", action="store_true", help="keep the models already in partial.json")
     ap.add_argument("--greedy-budget", type=float, default=0.5, help="parameter budget of the greedy search")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="pairs to train and average over (seeds 1-2, 3-4, ...); writes partial_pairsN.*")
     args = ap.parse_args()
+    if args.pairs < 1:
+        ap.error(f"--pairs {args.pairs}: pass at least 1")
     torch.set_num_threads(1)
     train_set, test_set = digits()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.pairs > 1:
+        stem = f"partial_pairs{args.pairs}"
+        rows = json.loads((out / f"{stem}.json").read_text()) if args.append and (out / f"{stem}.json").exists() else {}
+        for name in args.models.split(","):
+            runs = [run_model(name, args.epochs, train_set, test_set, args.stats, args.greedy_budget,
+                              (2 * k + 1, 2 * k + 2)) for k in range(args.pairs)]
+            rows[name] = {**summarize(runs), "runs": runs}
+            (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+            (out / f"{stem}.md").write_text(render_pairs(rows, args))
+            plot(rows, out / f"{stem}.png")
+        print(render_pairs(rows, args))
+        return
     rows = json.loads((out / "partial.json").read_text()) if args.append and (out / "partial.json").exists() else {}
     for name in args.models.split(","):
         rows[name] = run_model(name, args.epochs, train_set, test_set, args.stats, args.greedy_budget)
