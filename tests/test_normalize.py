@@ -143,3 +143,103 @@ def test_bias_options_are_checked():
         autoperm.merge(a, b, normalize="bias_removal", bias_layers=4)
     with pytest.raises(ValueError, match="bias_layers= is used only by normalize='bias_removal'"):
         autoperm.merge(a, b, normalize="bias_calibration", bias_layers=1)
+
+
+# ----------------------------------------------------------------- REPAIR in one pass over the data
+class TiedNet(nn.Module):
+    """One linear layer applied twice: correcting it changes a node that has already run."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.lin, self.out = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.lin(torch.relu(self.lin(torch.relu(self.inp(x)))))))
+
+
+def _bn_net():
+    return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 2))
+
+
+def _repair_case(name):
+    """(traced graph, state to correct, layers, data, goal) with every parameter and buffer random."""
+    from autoperm.frontend import capture
+    from autoperm.merge.repair import channel_moments, find_layers
+
+    torch.manual_seed(0)
+    make, shape = {"shortcut": (ShortcutNet, (3, 6, 6)), "bn": (_bn_net, (3, 8, 8)), "tied": (TiedNet, (5,))}[name]
+    models = []
+    for _ in range(2):
+        m = make().double().eval()
+        with torch.no_grad():
+            for t in m.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(torch.rand_like(t) + 0.5 if t.dim() == 1 else torch.randn_like(t))
+        models.append(m)
+    data = [torch.randn(8, *shape, dtype=torch.float64) for _ in range(3)]
+    tg = capture(models[0], (data[0],))
+    layers = find_layers(tg, {k for k in models[0].state_dict() if k.endswith("weight")})
+    dense = [layer for layer in layers if layer.kind == "dense"]
+    goal = channel_moments(tg, models[1].state_dict(), data, dense)
+    return tg, models[0].state_dict(), layers, data, goal
+
+
+@pytest.mark.parametrize("name", ["shortcut", "bn"])
+def test_one_pass_repair_equals_a_pass_per_layer(name, monkeypatch):
+    from autoperm.merge import repair as rp
+
+    tg, state, layers, data, goal = _repair_case(name)
+    assert any(layer.kind == "dense" for layer in layers)
+    calls = []
+    real = rp.channel_moments
+    monkeypatch.setattr(rp, "channel_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    one = rp.repair_state(tg, state, layers, data, goal)
+    assert calls == []  # no pass per layer
+    per_layer = rp.repair_state(tg, state, layers, data, goal, max_bytes=0)  # too little memory: falls back
+    assert len(calls) == len(layers)
+    assert set(one) == set(per_layer)
+    for k in one:
+        assert torch.allclose(one[k], per_layer[k], rtol=1e-12, atol=1e-12), k
+    changed = [k for k in one if not torch.equal(one[k], state[k])]
+    assert len(changed) >= len(layers)  # every layer was corrected (a control that the comparison bites)
+
+
+def test_one_pass_repair_refuses_weights_read_before_their_correction():
+    from autoperm.merge import repair as rp
+
+    tg, state, layers, data, goal = _repair_case("tied")
+    batches = [(x,) for x in data]
+    with pytest.raises(rp._Shared, match="lin.weight"):
+        rp._repair_staged(tg, dict(state), layers, batches, goal, "repair", 1e-8, None)
+    # repair_state falls back to a pass per layer, which sees the twice-corrected weight everywhere
+    fixed = rp.repair_state(tg, state, layers, data, goal)
+    per_layer = rp.repair_state(tg, state, layers, data, goal, max_bytes=0)
+    assert all(torch.equal(fixed[k], per_layer[k]) for k in fixed)
+
+
+def test_staged_run_matches_a_full_run_after_a_state_change():
+    from autoperm.frontend import capture
+    from autoperm._stats import run_graph
+    from autoperm.merge.staged import StagedRun
+
+    torch.manual_seed(0)
+    model = ShortcutNet().double().eval()
+    xs = [torch.randn(4, 3, 6, 6, dtype=torch.float64) for _ in range(2)]
+    tg = capture(model, (xs[0],))
+    state = model.state_dict()
+    conv = [n.name for n in tg.graph.nodes if n.name.startswith("conv2d")]
+    last = [n.name for n in tg.graph.nodes if n.op != "output"][-1]
+    run = StagedRun(tg, state, [(x,) for x in xs])
+    run.advance_to(conv[1])
+    new = dict(state, **{"conv1.weight": state["conv1.weight"] * 2})
+    run.set_state("conv1.weight", new["conv1.weight"])
+    got = run.rerun(conv[1])
+    got_last = run.advance_to(last)
+    for x, g, gl in zip(xs, got, got_last):
+        want = run_graph(tg, new, (x,), {conv[1], last})
+        assert torch.equal(g, want[conv[1]]) and torch.equal(gl, want[last])
+        assert not torch.equal(gl, run_graph(tg, state, (x,), {last})[last])  # the change reached the output
+    assert run.live > 0
+    with pytest.raises(RuntimeError, match="not held"):
+        run.value(conv[0])  # freed after its last use

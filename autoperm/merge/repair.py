@@ -12,7 +12,9 @@ of the endpoints':
 with ``E_goal = (1 - alpha) E_A + alpha E_B`` and likewise ``Std_goal``. A layer that feeds a
 BatchNorm is left alone; that BatchNorm's running statistics are recomputed instead (RESET).
 Layers are processed in graph order, each measured after the corrections before it, so the
-result is exact on the data; no module is added.
+result is exact on the data; no module is added. All batches advance through the graph together
+and stop at each layer (`autoperm.merge.staged`), so the data is run through once, not once per
+layer (unless the values held at once would exceed 2 GiB).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .._progress import progress
 from .._stats import run_graph
 from ..frontend import TracedGraph
 from ..rules.base import packet_name as _packet
+from .staged import StagedRun, StagedTooLarge
 
 __all__ = ["Layer", "find_layers", "channel_moments", "repair_state"]
 
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _DENSE = {"linear": -1, "conv1d": 1, "conv2d": 1, "conv3d": 1}
 _BN = {"_native_batch_norm_legit_no_training", "batch_norm"}
+_STAGED_BYTES = 2 << 30  # values held at once over all batches by the one-pass REPAIR, before it falls back
 
 
 @dataclass(frozen=True)
@@ -70,53 +74,105 @@ def find_layers(tg: TracedGraph, grouped: set[str]) -> list[Layer]:
     return layers
 
 
+class _Moments:
+    """Running per-channel count, sum and sum of squares (float64) of one node's values."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.n, self.s, self.sq = dim, 0, 0.0, 0.0
+
+    def add(self, t: torch.Tensor) -> None:
+        f = t.movedim(self.dim, -1).reshape(-1, t.shape[self.dim]).double()
+        self.n += f.shape[0]
+        self.s = self.s + f.sum(0)
+        self.sq = self.sq + (f * f).sum(0)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.s / self.n
+        return mean, (self.sq / self.n - mean * mean).clamp_min(0).sqrt()
+
+
 def channel_moments(tg: TracedGraph, state, data: Iterable, layers: list[Layer],
                     n_inputs: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and std (float64, population) at each layer's node over ``data``."""
-    sums: dict[str, list] = {}
+    sums: dict[str, _Moments] = {}
     wanted = {l.node for l in layers}
     dims = {l.node: l.channel_dim for l in layers}
     samples = 0
     for batch in progress(data, desc="channel statistics"):
         x = stat_inputs(batch, n_inputs, "normalization statistics")
         samples += x[0].shape[0]
-        out = run_graph(tg, state, x, wanted)
-        for node, t in out.items():
-            f = t.movedim(dims[node], -1).reshape(-1, t.shape[dims[node]]).double()
-            acc = sums.setdefault(node, [0, 0.0, 0.0])
-            acc[0] += f.shape[0]
-            acc[1] = acc[1] + f.sum(0)
-            acc[2] = acc[2] + (f * f).sum(0)
+        for node, t in run_graph(tg, state, x, wanted).items():
+            sums.setdefault(node, _Moments(dims[node])).add(t)
     check_samples(samples, "normalization statistics")
-    out = {}
-    for node, (n, s, sq) in sums.items():
-        mean = s / n
-        out[node] = (mean, (sq / n - mean * mean).clamp_min(0).sqrt())
+    return {node: m.result() for node, m in sums.items()}
+
+
+def _corrected(layer: Layer, state, mean: torch.Tensor, std: torch.Tensor, goal, mode: str,
+               eps: float) -> dict[str, torch.Tensor]:
+    """The state tensors that correct ``layer``, given its measured per-channel mean and std."""
+    if layer.kind == "batchnorm":
+        rm = state[layer.running_mean]
+        return {layer.running_mean: mean.to(rm.dtype), layer.running_var: (std * std).to(rm.dtype)}
+    g_mean, g_std = goal[layer.node]
+    scale = g_std / (std + eps)
+    w = state[layer.weight]
+    out = {layer.weight: w * scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))}
+    if layer.bias is not None:
+        b = state[layer.bias]
+        shifted = (b.double() - mean) * scale + g_mean if mode == "repair" else b.double() * scale
+        out[layer.bias] = shifted.to(b.dtype)
+    elif mode == "repair":
+        log.info("layer %s has no bias: REPAIR rescaled it without shifting the mean", layer.weight)
     return out
+
+
+class _Shared(Exception):
+    """A corrected tensor is read by a node that has already run (tied weights)."""
+
+
+def _repair_staged(tg: TracedGraph, state: dict, layers: list[Layer], batches: list[tuple], goal, mode: str,
+                   eps: float, max_bytes: int | None) -> dict[str, torch.Tensor]:
+    """`repair_state` in one pass over the data: every batch advances through the graph together,
+    stopping at each measured node to correct its layer (module docstring of `staged`)."""
+    run = StagedRun(tg, state, batches, max_bytes)
+    # a correction changes only its own node (dense) or a later one (the BatchNorm after the
+    # measured input), so measuring in graph order of the measured nodes sees every correction
+    # that the per-layer passes would
+    for layer in progress(sorted(layers, key=lambda l: run.index[l.node]), desc="REPAIR layers"):
+        values = run.advance_to(layer.node)
+        m = _Moments(layer.channel_dim)
+        for t in values:
+            m.add(t)
+        updates = _corrected(layer, state, *m.result(), goal, mode, eps)
+        for key, value in updates.items():
+            if set(run.readers_run(key)) - {layer.node}:
+                raise _Shared(f"{key} is read by {sorted(set(run.readers_run(key)) - {layer.node})}")
+            state[key] = value
+            run.set_state(key, value)
+        if layer.kind == "dense":
+            run.rerun(layer.node)
+    return state
 
 
 def repair_state(tg: TracedGraph, state: dict[str, torch.Tensor], layers: list[Layer], data: Iterable,
                  goal: dict[str, tuple[torch.Tensor, torch.Tensor]], *, mode: str = "repair",
-                 eps: float = 1e-8, n_inputs: int = 1) -> dict[str, torch.Tensor]:
+                 eps: float = 1e-8, n_inputs: int = 1, max_bytes: int | None = _STAGED_BYTES) -> dict[str, torch.Tensor]:
     """A new state dict with each layer corrected in turn (see the module docstring);
-    ``n_inputs``: how many tensors of each batch are the forward's inputs."""
+    ``n_inputs``: how many tensors of each batch are the forward's inputs.
+
+    All batches go through the graph together, once, stopping at each layer (`StagedRun`);
+    where the values live at some node over all of ``data`` exceed ``max_bytes`` (or a
+    corrected tensor is shared with a node that ran before), each layer is measured with a pass
+    of its own over ``data`` instead: the same result, more time, the memory of one batch."""
     data = list(data)
+    batches = [stat_inputs(b, n_inputs, "normalization statistics") for b in data]
+    check_samples(sum(x[0].shape[0] for x in batches), "normalization statistics")
+    try:
+        return _repair_staged(tg, dict(state), layers, batches, goal, mode, eps, max_bytes)
+    except (StagedTooLarge, _Shared) as e:
+        log.info("REPAIR in one pass: %s; measuring each layer with a pass of its own", e)
     state = dict(state)
-    for layer in layers:
+    for layer in progress(layers, desc="REPAIR layers"):
         mean, std = channel_moments(tg, state, data, [layer], n_inputs)[layer.node]
-        if layer.kind == "batchnorm":
-            rm = state[layer.running_mean]
-            state[layer.running_mean] = mean.to(rm.dtype)
-            state[layer.running_var] = (std * std).to(rm.dtype)
-            continue
-        g_mean, g_std = goal[layer.node]
-        scale = g_std / (std + eps)
-        w = state[layer.weight]
-        state[layer.weight] = w * scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
-        if layer.bias is not None:
-            b = state[layer.bias]
-            shifted = (b.double() - mean) * scale + g_mean if mode == "repair" else b.double() * scale
-            state[layer.bias] = shifted.to(b.dtype)
-        elif mode == "repair":
-            log.info("layer %s has no bias: REPAIR rescaled it without shifting the mean", layer.weight)
+        state.update(_corrected(layer, state, mean, std, goal, mode, eps))
     return state
