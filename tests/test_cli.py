@@ -316,3 +316,23 @@ def test_progress_lines_without_verbose(env, shown, checkpoints, model_file, tmp
     err = capfd.readouterr().err
     assert ("sinkhorn" in err.lower()) == shown
     assert after == level   # main() restores the level: a later call (or library use) is unaffected
+
+
+def test_progress_lines_estimate_the_time_left(caplog):
+    import logging
+    import re
+
+    from autoperm._progress import _status, progress, set_progress
+
+    set_progress(False)   # log lines, not a bar
+    try:
+        with caplog.at_level(logging.INFO, logger="autoperm.progress"):
+            assert list(progress(range(20), desc="steps")) == list(range(20))
+    finally:
+        set_progress(None)
+    lines = [r.getMessage() for r in caplog.records if r.name == "autoperm.progress"]
+    assert len(lines) == 10 and all(re.fullmatch(r"steps: \d+/20 \(\d+\.\d s, about \d+\.\d s left\)", m)
+                                    for m in lines[:-1]), lines
+    assert re.fullmatch(r"steps: 20/20 \(\d+\.\d s\)", lines[-1]), lines[-1]   # nothing left at the end
+    assert _status(25, 100, 30.0) == "25/100 (30 s, about 90 s left)"
+    assert _status(3, None, 500.0) == "3 (8 min)"
