@@ -244,3 +244,25 @@ def test_a_failed_export_does_not_print_torchs_partial_graph(capsys, caplog):
     with caplog.at_level(logging.DEBUG, logger="autoperm"), pytest.raises(autoperm.TraceError):
         autoperm.trace(Branchy(), torch.randn(2, 4))
     assert "def forward" in capsys.readouterr().err   # debugging: torch's own output is shown
+
+
+def test_models_of_different_classes_are_merged_with_a_warning(caplog):
+    """Same tensors, another class: the result runs model_a's forward, so the user is told once."""
+    import logging
+
+    class Scaled(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    a, b0 = _mlp(0), _mlp(1)
+    b = Scaled(*b0)
+    with caplog.at_level(logging.WARNING, logger="autoperm"):
+        merged = autoperm.merge(a, b)
+    notes = [r.getMessage() for r in caplog.records if "forward" in r.getMessage()]
+    assert len(notes) == 1, notes   # once, though merge checks the pair for matching and for merging
+    assert "model_a is a torch.nn.modules.container.Sequential" in notes[0] and "Scaled" in notes[0]
+    assert type(merged) is nn.Sequential
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autoperm"):
+        autoperm.merge(a, b0)
+    assert not [r for r in caplog.records if "forward" in r.getMessage()]

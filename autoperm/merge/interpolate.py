@@ -7,6 +7,7 @@ poor: ``normalize="reset"`` recomputes them on data); integer buffers are taken 
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from typing import Mapping, Sequence
@@ -18,11 +19,15 @@ from ..errors import SpecError
 
 __all__ = ["check_compatible", "interpolate_state", "average_states", "as_alpha"]
 
+log = logging.getLogger(__name__)
+_LAST_CLASS_NOTE: tuple | None = None  # the pair last warned about (merge checks a pair twice)
+
 
 def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str] = ("model_a", "model_b")) -> None:
     """Raise naming the first difference: a missing tensor, a shape, a dtype, a device, or a
     non-finite value (``names``: what to call the two models in the message)."""
     first, second = names
+    _note_classes(model_a, model_b, names)
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for name in list(sa) + [n for n in sb if n not in sa]:
         if name not in sa or name not in sb:
@@ -38,6 +43,19 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, s
         for who, t in ((first, ta), (second, tb)):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{who} has non-finite values in {name!r}")
+
+
+def _note_classes(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str]) -> None:
+    """Warn (once per pair) when the models are of different classes: their tensors may match
+    while their forwards differ, and what is returned runs the first model's forward."""
+    global _LAST_CLASS_NOTE
+    ta, tb = type(model_a), type(model_b)
+    if ta is tb or _LAST_CLASS_NOTE == (id(model_a), id(model_b)):
+        return
+    _LAST_CLASS_NOTE = (id(model_a), id(model_b))
+    log.warning("%s is a %s.%s but %s is a %s.%s: their tensors are aligned and merged as if both ran "
+                "%s's forward, which the result runs; pass two models of one class if the forwards differ",
+                names[0], ta.__module__, ta.__qualname__, names[1], tb.__module__, tb.__qualname__, names[0])
 
 
 def as_alpha(alpha) -> float:
