@@ -25,6 +25,23 @@ from .verify import VerifyReport, check_equivalence, perturbed, verify_spec
 
 __version__ = "0.1.0"
 
+
+def _submodules_on(fn, package: str) -> None:
+    """``autoperm.match`` and ``autoperm.merge`` are functions that shadow the subpackages of the
+    same name; give each function its subpackage's modules as attributes, so that
+    ``autoperm.match.weight.last_profile`` and ``import autoperm.merge.repair as r`` work."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not hasattr(fn, info.name):
+            setattr(fn, info.name, importlib.import_module(f"{package}.{info.name}"))
+
+
+_submodules_on(match, "autoperm.match")
+_submodules_on(merge, "autoperm.merge")
+
 __all__ = [
     "trace", "interpolate", "Curve", "loss_barrier", "accuracy_barrier", "match", "align", "merge", "merge_many", "Alignment", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
     "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",

@@ -266,3 +266,19 @@ def test_models_of_different_classes_are_merged_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="autoperm"):
         autoperm.merge(a, b0)
     assert not [r for r in caplog.records if "forward" in r.getMessage()]
+
+
+def test_submodules_are_reachable_through_the_functions_that_shadow_their_packages():
+    """autoperm.match / autoperm.merge are functions; the docs' autoperm.match.weight.last_profile
+    and `import autoperm.match.hierarchical as h` failed with AttributeError / ImportError."""
+    import importlib
+    import inspect
+    import sys
+
+    import autoperm.match.hierarchical as h
+    import autoperm.merge.repair as r
+
+    assert h is sys.modules["autoperm.match.hierarchical"] and r is sys.modules["autoperm.merge.repair"]
+    assert isinstance(autoperm.match.weight.last_profile, dict)
+    assert autoperm.merge.staged is importlib.import_module("autoperm.merge.staged")
+    assert inspect.isfunction(autoperm.match) and "model_b" in inspect.signature(autoperm.merge).parameters
