@@ -162,13 +162,28 @@ def _bn_net():
                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 2))
 
 
+class SkipBN(nn.Module):
+    """A conv whose output feeds a BatchNorm and a skip: corrected itself, and measured for the BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.conv2(torch.relu(self.bn(h))) + h
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
 def _repair_case(name):
     """(traced graph, state to correct, layers, data, goal) with every parameter and buffer random."""
     from autoperm.frontend import capture
     from autoperm.merge.repair import channel_moments, find_layers
 
     torch.manual_seed(0)
-    make, shape = {"shortcut": (ShortcutNet, (3, 6, 6)), "bn": (_bn_net, (3, 8, 8)), "tied": (TiedNet, (5,))}[name]
+    make, shape = {"shortcut": (ShortcutNet, (3, 6, 6)), "bn": (_bn_net, (3, 8, 8)), "tied": (TiedNet, (5,)),
+                   "skip_bn": (SkipBN, (3, 6, 6))}[name]
     models = []
     for _ in range(2):
         m = make().double().eval()
@@ -177,7 +192,7 @@ def _repair_case(name):
                 if t.is_floating_point():
                     t.copy_(torch.rand_like(t) + 0.5 if t.dim() == 1 else torch.randn_like(t))
         models.append(m)
-    data = [torch.randn(8, *shape, dtype=torch.float64) for _ in range(3)]
+    data = [torch.randn(n, *shape, dtype=torch.float64) for n in (8, 3, 5)]
     tg = capture(models[0], (data[0],))
     layers = find_layers(tg, {k for k in models[0].state_dict() if k.endswith("weight")})
     dense = [layer for layer in layers if layer.kind == "dense"]
@@ -185,35 +200,62 @@ def _repair_case(name):
     return tg, models[0].state_dict(), layers, data, goal
 
 
-@pytest.mark.parametrize("name", ["shortcut", "bn"])
+def _count_passes(monkeypatch):
+    from autoperm.merge import repair as rp
+
+    calls = []
+    real = rp.channel_moments
+    monkeypatch.setattr(rp, "channel_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["shortcut", "bn", "skip_bn"])
 def test_one_pass_repair_equals_a_pass_per_layer(name, monkeypatch):
     from autoperm.merge import repair as rp
 
     tg, state, layers, data, goal = _repair_case(name)
     assert any(layer.kind == "dense" for layer in layers)
-    calls = []
-    real = rp.channel_moments
-    monkeypatch.setattr(rp, "channel_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_passes(monkeypatch)
     one = rp.repair_state(tg, state, layers, data, goal)
     assert calls == []  # no pass per layer
-    per_layer = rp.repair_state(tg, state, layers, data, goal, max_bytes=0)  # too little memory: falls back
+    per_layer = rp.repair_state(tg, state, layers, data, goal, max_bytes=0)  # told not to try: falls back
     assert len(calls) == len(layers)
-    assert set(one) == set(per_layer)
-    for k in one:
-        assert torch.allclose(one[k], per_layer[k], rtol=1e-12, atol=1e-12), k
+    assert set(one) == set(per_layer) and all(torch.equal(one[k], per_layer[k]) for k in one)
     changed = [k for k in one if not torch.equal(one[k], state[k])]
     assert len(changed) >= len(layers)  # every layer was corrected (a control that the comparison bites)
+    # layers given out of graph order are put in order, whichever way it runs
+    shuffled = rp.repair_state(tg, state, layers[::-1], data, goal)
+    assert all(torch.equal(shuffled[k], one[k]) for k in one)
 
 
-def test_one_pass_repair_refuses_weights_read_before_their_correction():
+def test_one_pass_repair_gives_up_before_a_node_exceeds_its_memory_budget(monkeypatch):
+    from autoperm.merge import repair as rp
+    from autoperm.merge.staged import StagedRun, StagedTooLarge
+
+    tg, state, layers, data, goal = _repair_case("shortcut")
+    first = next(n for n in tg.graph.nodes if n.op == "call_function")
+    one_batch = StagedRun(tg, state, [(data[0],)]).advance_to(first.name)[0]
+    budget = one_batch.numel() * one_batch.element_size() * 2  # the first node fits for 2 of 3 batches at most
+    run = StagedRun(tg, state, [(x,) for x in data], max_bytes=budget)
+    with pytest.raises(StagedTooLarge, match=first.name):
+        run.advance_to(first.name)
+    assert first not in run.interps[1].env and first not in run.interps[2].env  # stopped after the first batch
+    calls = _count_passes(monkeypatch)
+    small = rp.repair_state(tg, state, layers, data, goal, max_bytes=budget)
+    assert len(calls) == len(layers)   # fell back
+    full = rp.repair_state(tg, state, layers, data, goal, max_bytes=None)
+    assert all(torch.equal(small[k], full[k]) for k in full)
+
+
+def test_one_pass_repair_is_not_tried_on_weights_read_before_their_correction(monkeypatch):
     from autoperm.merge import repair as rp
 
     tg, state, layers, data, goal = _repair_case("tied")
-    batches = [(x,) for x in data]
-    with pytest.raises(rp._Shared, match="lin.weight"):
-        rp._repair_staged(tg, dict(state), layers, batches, goal, "repair", 1e-8, None)
-    # repair_state falls back to a pass per layer, which sees the twice-corrected weight everywhere
+    assert "lin.weight is read by" in rp._read_before(tg, rp._in_graph_order(tg, layers))
+    assert rp._read_before(tg, _repair_case("shortcut")[2]) is None
+    calls = _count_passes(monkeypatch)
     fixed = rp.repair_state(tg, state, layers, data, goal)
+    assert len(calls) == len(layers)   # a pass per layer, which sees the twice-corrected weight everywhere
     per_layer = rp.repair_state(tg, state, layers, data, goal, max_bytes=0)
     assert all(torch.equal(fixed[k], per_layer[k]) for k in fixed)
 
@@ -231,6 +273,8 @@ def test_staged_run_matches_a_full_run_after_a_state_change():
     conv = [n.name for n in tg.graph.nodes if n.name.startswith("conv2d")]
     last = [n.name for n in tg.graph.nodes if n.op != "output"][-1]
     run = StagedRun(tg, state, [(x,) for x in xs])
+    with pytest.raises(RuntimeError, match="not held"):
+        run.rerun(conv[1])  # has not run
     run.advance_to(conv[1])
     new = dict(state, **{"conv1.weight": state["conv1.weight"] * 2})
     run.set_state("conv1.weight", new["conv1.weight"])
@@ -243,3 +287,5 @@ def test_staged_run_matches_a_full_run_after_a_state_change():
     assert run.live > 0
     with pytest.raises(RuntimeError, match="not held"):
         run.value(conv[0])  # freed after its last use
+    with pytest.raises(KeyError, match="no node named"):
+        run.advance_to("no_such_node")

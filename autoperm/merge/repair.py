@@ -126,53 +126,91 @@ def _corrected(layer: Layer, state, mean: torch.Tensor, std: torch.Tensor, goal,
     return out
 
 
-class _Shared(Exception):
-    """A corrected tensor is read by a node that has already run (tied weights)."""
+def _in_graph_order(tg: TracedGraph, layers: list[Layer]) -> list[Layer]:
+    """Layers by the graph position of their measured node, a dense layer before a BatchNorm
+    measured at the same node (the dense correction changes that node's values): a correction
+    changes only its own node (dense) or a later one (the BatchNorm after its measured input),
+    so each measurement then sees every correction before it in the graph, in either way of
+    running."""
+    where = {n.name: i for i, n in enumerate(tg.graph.nodes)}
+    return sorted(layers, key=lambda l: (where[l.node], l.kind != "dense"))
+
+
+def _read_before(tg: TracedGraph, layers: list[Layer]) -> str | None:
+    """A tensor some layer corrects that a node at or before its measured node also reads (tied
+    weights: one pass would have run that node with the uncorrected tensor), or None."""
+    where = {n.name: i for i, n in enumerate(tg.graph.nodes)}
+    readers: dict[str, list[str]] = {}
+    for n in tg.graph.nodes:
+        if n.op == "placeholder" and n.name in tg.state_keys:
+            readers.setdefault(tg.state_keys[n.name], []).extend(u.name for u in n.users)
+    for layer in layers:
+        for key in (layer.weight, layer.bias, layer.running_mean, layer.running_var):
+            early = [r for r in readers.get(key, []) if r != layer.node and where[r] <= where[layer.node]] \
+                if key else []
+            if early:
+                return f"{key} is read by {early[0]} before {layer.node}"
+    return None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def _moments_of(values: list[torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m = _Moments(dim)
+    for t in values:
+        m.add(t)
+    return m.result()
 
 
 def _repair_staged(tg: TracedGraph, state: dict, layers: list[Layer], batches: list[tuple], goal, mode: str,
                    eps: float, max_bytes: int | None) -> dict[str, torch.Tensor]:
-    """`repair_state` in one pass over the data: every batch advances through the graph together,
-    stopping at each measured node to correct its layer (module docstring of `staged`)."""
+    """`repair_state` in one pass over the data (layers in graph order): every batch advances
+    through the graph together, stopping at each measured node to correct its layer."""
     run = StagedRun(tg, state, batches, max_bytes)
-    # a correction changes only its own node (dense) or a later one (the BatchNorm after the
-    # measured input), so measuring in graph order of the measured nodes sees every correction
-    # that the per-layer passes would
-    for layer in progress(sorted(layers, key=lambda l: run.index[l.node]), desc="REPAIR layers"):
-        values = run.advance_to(layer.node)
-        m = _Moments(layer.channel_dim)
-        for t in values:
-            m.add(t)
-        updates = _corrected(layer, state, *m.result(), goal, mode, eps)
-        for key, value in updates.items():
-            if set(run.readers_run(key)) - {layer.node}:
-                raise _Shared(f"{key} is read by {sorted(set(run.readers_run(key)) - {layer.node})}")
-            state[key] = value
-            run.set_state(key, value)
-        if layer.kind == "dense":
-            run.rerun(layer.node)
+    try:
+        for layer in progress(layers, desc="REPAIR layers"):
+            mean, std = _moments_of(run.advance_to(layer.node), layer.channel_dim)
+            for key, value in _corrected(layer, state, mean, std, goal, mode, eps).items():
+                state[key] = value
+                run.set_state(key, value)
+            if layer.kind == "dense":
+                run.rerun(layer.node)
+    finally:
+        run.close()
     return state
 
 
 def repair_state(tg: TracedGraph, state: dict[str, torch.Tensor], layers: list[Layer], data: Iterable,
                  goal: dict[str, tuple[torch.Tensor, torch.Tensor]], *, mode: str = "repair",
                  eps: float = 1e-8, n_inputs: int = 1, max_bytes: int | None = _STAGED_BYTES) -> dict[str, torch.Tensor]:
-    """A new state dict with each layer corrected in turn (see the module docstring);
-    ``n_inputs``: how many tensors of each batch are the forward's inputs.
+    """A new state dict with each layer corrected in turn, in graph order (see the module
+    docstring); ``n_inputs``: how many tensors of each batch are the forward's inputs.
 
-    All batches go through the graph together, once, stopping at each layer (`StagedRun`);
-    where the values live at some node over all of ``data`` exceed ``max_bytes`` (or a
-    corrected tensor is shared with a node that ran before), each layer is measured with a pass
-    of its own over ``data`` instead: the same result, more time, the memory of one batch."""
+    All batches go through the graph together, once, stopping at each layer
+    (`autoperm.merge.staged.StagedRun`). Where the values held at some node over all of
+    ``data`` would exceed ``max_bytes`` (``None``: no limit; 0: never try), memory runs out, or
+    a corrected tensor is also read before its layer (tied weights), each layer is measured
+    with a pass of its own over ``data`` instead: the same result, more time, the memory of
+    one batch."""
     data = list(data)
     batches = [stat_inputs(b, n_inputs, "normalization statistics") for b in data]
     check_samples(sum(x[0].shape[0] for x in batches), "normalization statistics")
-    try:
-        return _repair_staged(tg, dict(state), layers, batches, goal, mode, eps, max_bytes)
-    except (StagedTooLarge, _Shared) as e:
-        log.info("REPAIR in one pass: %s; measuring each layer with a pass of its own", e)
+    layers = _in_graph_order(tg, layers)
+    why = "max_bytes=0" if max_bytes is not None and max_bytes <= 0 else _read_before(tg, layers)
+    if why is None:
+        try:
+            return _repair_staged(tg, dict(state), layers, batches, goal, mode, eps, max_bytes)
+        except StagedTooLarge as e:
+            why = str(e)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            why = f"out of memory ({str(e).splitlines()[0]})"
+    log.info("REPAIR in one pass: %s; measuring each layer with a pass of its own over data", why)
     state = dict(state)
-    for layer in progress(layers, desc="REPAIR layers"):
+    for layer in progress(layers, desc="REPAIR layers, a pass each"):
         mean, std = channel_moments(tg, state, data, [layer], n_inputs)[layer.node]
         state.update(_corrected(layer, state, mean, std, goal, mode, eps))
     return state

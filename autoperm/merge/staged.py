@@ -4,8 +4,10 @@ corrections that REPAIR would otherwise measure with one full pass per layer
 (`autoperm.merge.repair.repair_state`).
 
 Values are freed after their last use, so memory is the values live at the current node, for
-every batch together; past ``max_bytes`` the run gives up (`StagedTooLarge`) and the caller
-falls back to one pass per layer.
+every batch together; where a node's values would take that past ``max_bytes`` (``None``: no
+limit), the run gives up (`StagedTooLarge`, raised after that node's first batch) and the caller
+falls back to one pass per layer. A forward that draws random numbers draws them in another
+order than separate passes would.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ class StagedRun:
         outs = run.rerun("conv2d_3")
     """
 
-    @torch.no_grad()
     def __init__(self, tg: TracedGraph, state: Mapping[str, torch.Tensor], batches: list[tuple],
                  max_bytes: int | None = None) -> None:
         self.nodes = list(tg.graph.nodes)
@@ -76,28 +77,26 @@ class StagedRun:
         self.live = 0  # bytes of the values held (state tensors and inputs not counted)
         self.pending: list[torch.fx.Node] = []  # inputs of the last stop node, past their last use
 
-    def done(self, name: str) -> bool:
-        return self.index[name] < self.pos
-
-    def readers_run(self, key: str) -> list[str]:
-        """Nodes already run that read state tensor ``key``."""
-        return [u.name for h in self.holders.get(key, []) for u in h.users if self.index[u.name] < self.pos]
-
     @torch.no_grad()
     def advance_to(self, name: str) -> list:
-        """Run every node up to and including ``name`` (if not run yet); its value per batch."""
-        stop = self.index[name]
+        """Run every node up to and including ``name`` (if not run yet); its value per batch.
+        Raises `StagedTooLarge` as soon as a node's first batch shows that its values for all
+        batches would take the held bytes past ``max_bytes`` (before the other batches run)."""
+        stop = self._index(name)
         if self.pos <= stop:
             self._free(self.pending)
         while self.pos <= stop:
             n = self.nodes[self.pos]
             if n.op not in ("placeholder", "output"):
-                for it in self.interps:
+                for k, it in enumerate(self.interps):
                     value = it.run_node(n)
                     it.env[n] = value
                     self.live += _nbytes(value)
-                if self.max_bytes is not None and self.live > self.max_bytes:
-                    raise StagedTooLarge(f"{self.live} bytes live at node {n.name}, above {self.max_bytes}")
+                    if k == 0 and self.max_bytes is not None:
+                        projected = self.live + _nbytes(value) * (len(self.interps) - 1)
+                        if projected > self.max_bytes:
+                            raise StagedTooLarge(f"about {projected} bytes would be held at node {n.name} over "
+                                                 f"{len(self.interps)} batches, above {self.max_bytes}")
                 last = [a for a in n.all_input_nodes if self.last_use.get(a) == self.pos and a.op != "placeholder"]
                 if self.pos == stop:
                     self.pending = last  # kept for a rerun of the stop node
@@ -112,12 +111,22 @@ class StagedRun:
                 self.live -= _nbytes(it.env.pop(a, None))
         self.pending = []
 
+    def _index(self, name: str) -> int:
+        if name not in self.index:
+            raise KeyError(f"no node named {name!r} in the traced graph")
+        return self.index[name]
+
     def value(self, name: str) -> list:
-        node = self.nodes[self.index[name]]
-        try:
-            return [it.env[node] for it in self.interps]
-        except KeyError:
-            raise RuntimeError(f"node {name} is not held: it was freed after its last use or has not run") from None
+        node = self.nodes[self._index(name)]
+        if any(node not in it.env for it in self.interps):
+            raise RuntimeError(f"node {name} is not held: it was freed after its last use, or has not run")
+        return [it.env[node] for it in self.interps]
+
+    def close(self) -> None:
+        """Drop every held value (the run cannot go on)."""
+        for it in self.interps:
+            it.env.clear()
+        self.pending, self.live = [], 0
 
     def set_state(self, key: str, value: torch.Tensor) -> None:
         """Nodes run from now on (and `rerun`) read ``value`` for state tensor ``key``."""
@@ -128,7 +137,10 @@ class StagedRun:
     @torch.no_grad()
     def rerun(self, name: str) -> list:
         """Run node ``name`` again (already run, value still held) with the current state."""
+        self.value(name)  # raises unless held
         node = self.nodes[self.index[name]]
+        if node.op == "placeholder":
+            raise RuntimeError(f"node {name} is an input of the graph: there is nothing to run again")
         out = []
         for it in self.interps:
             old = it.env[node]
