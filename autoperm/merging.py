@@ -296,9 +296,10 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
         grouped = {ax.tensor for g in al.spec.groups for ax in g.axes if ax.dim == 0}
         layers = find_layers(traced, grouped)
         dense = [layer for layer in layers if layer.kind == "dense"]
-        moments = [channel_moments(traced, s, data, dense, n_inputs) for s in states]
+        # the endpoints' statistics (no pass at all where every merged layer feeds a BatchNorm)
+        moments = [channel_moments(traced, s, data, dense, n_inputs) for s in states] if dense else []
         goal = {n: (sum(w * m[n][0] for w, m in zip(weights, moments)),
-                    sum(w * m[n][1] for w, m in zip(weights, moments))) for n in moments[0]}
+                    sum(w * m[n][1] for w, m in zip(weights, moments))) for n in (moments[0] if moments else {})}
         state = repair_state(traced, state, layers, data, goal, mode=normalize, n_inputs=n_inputs)
         log.info("%s: %d dense layers, %d BatchNorm layers", normalize, len(dense), len(layers) - len(dense))
     elif normalize in ("bias_calibration", "bias_removal"):
@@ -311,7 +312,8 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
     merged = copy_with_state(model_a, state)
     if normalize == "reset":
         merged = reset_batchnorm(merged, data, n_inputs)
-    elif has_batchnorm(merged) and sum(w > 0 for w in weights) > 1:
+    elif normalize not in ("repair", "rescale") and has_batchnorm(merged) and sum(w > 0 for w in weights) > 1:
+        # (REPAIR and RESCALE set every BatchNorm's statistics to the merged model's exact ones)
         _warn_once("bn", "BatchNorm statistics were interpolated, which usually breaks a merged model; "
                    "normalize='reset' with data= recomputes them")
     return merged.train(model_a.training)

@@ -78,6 +78,10 @@ def _from_file(spec: str) -> Callable[..., nn.Module]:
     path, _, name = spec.rpartition(":")
     if not path or not Path(path).is_file():
         raise FileNotFoundError(f"model file {path!r} not found (expected path/to/file.py:factory)")
+    source = Path(path).read_text(errors="replace")
+    if ("torchvision" in source or "timm" in source) and "torchvision" not in sys.modules \
+            and importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()  # the same workaround `torchvision:` and `timm:` names get
     mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)

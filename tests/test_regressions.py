@@ -413,3 +413,54 @@ def test_interpolated_batchnorm_and_extrapolation_are_warned(caplog, monkeypatch
         autoperm.merge(a, b, alpha=1.5, example_inputs=x)
         assert any(r.levelno == logging.WARNING and "alpha=1.5 lies outside [0, 1]" in r.getMessage()
                    for r in caplog.records)
+
+
+def test_repair_and_rescale_do_not_warn_of_interpolated_batchnorm_nor_measure_the_endpoints_for_nothing(
+        caplog, monkeypatch):
+    """REPAIR / RESCALE set every BatchNorm's statistics exactly, yet the 'interpolated' warning
+    fired (and used up its once-per-process WARNING); and with every merged layer feeding a
+    BatchNorm the endpoints were still run over the data for no statistic at all."""
+    import logging
+
+    import autoperm.merging as merging
+
+    monkeypatch.setattr(merging, "_WARNED", set())
+    calls = []
+    real = merging.channel_moments
+    monkeypatch.setattr(merging, "channel_moments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    a, b = (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).eval()
+            for _ in range(2))
+    data = [torch.randn(8, 2, 4, 4) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="autoperm"):
+        for mode in ("repair", "rescale"):
+            merged = autoperm.merge(a, b, normalize=mode, data=data, example_inputs=data[0])
+            with torch.no_grad():
+                h = merged[0](torch.cat(data))
+            assert torch.allclose(merged[1].running_mean, h.mean((0, 2, 3)), atol=1e-6)
+        assert not [r for r in caplog.records if "interpolated" in r.getMessage()]
+        assert calls == []   # the conv feeds a BatchNorm: no endpoint statistics needed
+        autoperm.merge(a, b, example_inputs=data[0])   # this one does interpolate them: the WARNING is still there to give
+        assert [r.levelno for r in caplog.records if "interpolated" in r.getMessage()] == [logging.WARNING]
+
+
+def test_a_model_file_that_uses_torchvision_gets_the_zoo_import_workaround(tmp_path, monkeypatch):
+    """`--model file.py:make` whose file imports torchvision failed where torchvision's compiled
+    ops cannot load, although `--model torchvision:NAME` works (autoperm.zoo.import_torchvision)."""
+    import importlib.util
+    import sys
+
+    import autoperm.zoo as zoo
+
+    seen = []
+    monkeypatch.setattr(zoo, "import_torchvision", lambda: seen.append(1))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "torchvision"
+                        else real_find(name, *a))
+    uses = tmp_path / "uses.py"
+    uses.write_text("import torch\n# built like torchvision.models.resnet18\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    plain = tmp_path / "plain.py"
+    plain.write_text("import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    assert isinstance(zoo._from_file(f"{plain}:make")(), nn.Linear) and seen == []
+    assert isinstance(zoo._from_file(f"{uses}:make")(), nn.Linear) and seen == [1]
