@@ -25,7 +25,7 @@ from torch import nn
 from ._copy import copy_module
 from .merge import average_states, check_compatible
 from .match import NEEDS_GRAPH
-from .merging import _reiterable, check_normalize, combine, match, match_compiled
+from .merging import _reiterable, check_normalize, combine, match_compiled
 from .permute import compose, identity_permutation, invert, permute_state_dict
 from .spec import PermutationSpec
 
@@ -62,9 +62,10 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
     for i, m in enumerate(models[1:], 1):
         check_compatible(first, m, ("models[0]", f"models[{i}]"))
     data = _reiterable(data)
+    # every pair below is checked above, or is built from checked models (the targets of _iterate)
     opts = dict(method=method, data=data, example_inputs=example_inputs, loss_fn=loss_fn, seed=seed,
-                steps=steps, lr=lr)
-    al = match(first, models[1], spec, **opts)
+                steps=steps, lr=lr, checked=True)
+    al = match_compiled(first, models[1], spec, None, **opts)
     spec = al.spec
     # every later match has model_a = first or a copy of it with other weights: one export serves all
     compiled = (spec, al.traced, al.sites) if al.sites is not None and method in NEEDS_GRAPH else None

@@ -157,11 +157,14 @@ def match_compiled(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec
                    method: str = "weight", data: Iterable | None = None, example_inputs: Any = None,
                    loss_fn: Callable | None = None, seed: int = 0, max_iter: int = 100, features: str = "pre",
                    steps: int | None = None, lr: float | None = None, starts: int | None = None,
-                   tol: float | None = None) -> Alignment:
+                   tol: float | None = None, checked: bool = False) -> Alignment:
     """`match`, reusing ``compiled`` = (spec, traced graph, activation sites) from an earlier
     `_compile_a` of a model with model_a's architecture and constants (`merge_many` aligns many
-    models to copies of one: one export instead of one per call); None compiles model_a."""
-    check_compatible(model_a, model_b)
+    models to copies of one: one export instead of one per call); None compiles model_a.
+    ``checked``: the caller has run `check_compatible` on the pair (or on models the pair is
+    built from), so the tensors are not scanned again."""
+    if not checked:
+        check_compatible(model_a, model_b)
     data = _reiterable(data)
     n_inputs = input_count(spec, example_inputs)
     check_method_args(method, data, loss_fn, steps, lr, n_inputs, starts, tol)
@@ -233,8 +236,9 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     if preserve_first and partial:
         raise ValueError("preserve_first > 0 together with partial > 0 is not supported (v1): pick one")
     _check_partial(partial)
-    al = alignment or match(model_a, model_b, spec, method=method, data=data, example_inputs=example_inputs,
-                            loss_fn=loss_fn, seed=seed, steps=steps, lr=lr)
+    al = alignment or match_compiled(model_a, model_b, spec, None, method=method, data=data,
+                                     example_inputs=example_inputs, loss_fn=loss_fn, seed=seed, steps=steps, lr=lr,
+                                     checked=True)
     if alignment is not None:
         try:
             alignment.spec.check_model(model_a.state_dict())

@@ -259,7 +259,7 @@ def test_models_of_different_classes_are_merged_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="autoperm"):
         merged = autoperm.merge(a, b)
     notes = [r.getMessage() for r in caplog.records if "forward" in r.getMessage()]
-    assert len(notes) == 1, notes   # once, though merge checks the pair for matching and for merging
+    assert len(notes) == 1, notes   # once: merge checks the pair once, and its matching does not again
     assert "model_a is a torch.nn.modules.container.Sequential" in notes[0] and "Scaled" in notes[0]
     assert type(merged) is nn.Sequential
     caplog.clear()
@@ -282,3 +282,28 @@ def test_submodules_are_reachable_through_the_functions_that_shadow_their_packag
     assert isinstance(autoperm.match.weight.last_profile, dict)
     assert autoperm.merge.staged is importlib.import_module("autoperm.merge.staged")
     assert inspect.isfunction(autoperm.match) and "model_b" in inspect.signature(autoperm.merge).parameters
+
+
+def test_merge_and_merge_many_check_each_pair_once(monkeypatch):
+    """merge checked the pair (a scan of every tensor for non-finite values), then its matching
+    checked it again; merge_many checked every later model again in every round of re-alignment."""
+    import autoperm.many as many
+    import autoperm.merging as merging
+
+    calls = []
+    real = merging.check_compatible
+    counting = lambda a, b, names=("model_a", "model_b"): calls.append(names) or real(a, b, names)  # noqa: E731
+    monkeypatch.setattr(merging, "check_compatible", counting)
+    monkeypatch.setattr(many, "check_compatible", counting)
+    models = [_mlp(s) for s in range(3)]
+    autoperm.merge(models[0], models[1])
+    assert len(calls) == 1
+    calls.clear()
+    autoperm.merge_many(models, max_rounds=2)
+    assert calls == [("models[0]", "models[1]"), ("models[0]", "models[2]")]
+    calls.clear()
+    autoperm.match(models[0], models[1])   # the public match still checks
+    assert len(calls) == 1
+    bad = _mlp(3, width=8)
+    with pytest.raises(autoperm.SpecError, match="models\\[2\\]"):
+        autoperm.merge_many([models[0], models[1], bad])

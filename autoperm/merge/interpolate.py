@@ -20,7 +20,6 @@ from ..errors import SpecError
 __all__ = ["check_compatible", "interpolate_state", "average_states", "as_alpha"]
 
 log = logging.getLogger(__name__)
-_LAST_CLASS_NOTE: tuple | None = None  # the pair last warned about (merge checks a pair twice)
 
 
 def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str] = ("model_a", "model_b")) -> None:
@@ -46,16 +45,13 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, s
 
 
 def _note_classes(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str]) -> None:
-    """Warn (once per pair) when the models are of different classes: their tensors may match
-    while their forwards differ, and what is returned runs the first model's forward."""
-    global _LAST_CLASS_NOTE
+    """Warn when the models are of different classes: their tensors may match while their
+    forwards differ, and what is returned runs the first model's forward."""
     ta, tb = type(model_a), type(model_b)
-    if ta is tb or _LAST_CLASS_NOTE == (id(model_a), id(model_b)):
-        return
-    _LAST_CLASS_NOTE = (id(model_a), id(model_b))
-    log.warning("%s is a %s.%s but %s is a %s.%s: their tensors are aligned and merged as if both ran "
-                "%s's forward, which the result runs; pass two models of one class if the forwards differ",
-                names[0], ta.__module__, ta.__qualname__, names[1], tb.__module__, tb.__qualname__, names[0])
+    if ta is not tb:
+        log.warning("%s is a %s.%s but %s is a %s.%s: their tensors are aligned and merged as if both ran "
+                    "%s's forward, which the result runs; pass two models of one class if the forwards differ",
+                    names[0], ta.__module__, ta.__qualname__, names[1], tb.__module__, tb.__qualname__, names[0])
 
 
 def as_alpha(alpha) -> float:
