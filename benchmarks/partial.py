@@ -104,9 +104,15 @@ def run_model(name: str, epochs: int, train_set, test_set, stats_n: int, greedy_
     return row
 
 
+def _mean(v):
+    """A point's value: the mean over pairs in a pair summary (`summarize`), else the value."""
+    return v["mean"] if isinstance(v, dict) else v
+
+
 def removed_within(points: list[dict], limit: float = 0.30) -> float | None:
-    """Smallest parameter increase at which the barrier is gone (<= 0), if within ``limit``."""
-    ok = [p["added"] for p in points if p["barrier"] <= 0 and p["added"] <= limit + 1e-9]
+    """Smallest parameter increase at which the barrier is gone (<= 0), if within ``limit``; on
+    pair summaries (`summarize`) the mean barrier and the mean increase."""
+    ok = [_mean(p["added"]) for p in points if _mean(p["barrier"]) <= 0 and _mean(p["added"]) <= limit + 1e-9]
     return min(ok) if ok else None
 
 
@@ -182,12 +188,6 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def removed_within_mean(points: list[dict], limit: float = 0.30) -> float | None:
-    """Smallest mean parameter increase at which the mean barrier is gone, if within ``limit``."""
-    ok = [p["added"]["mean"] for p in points if p["barrier"]["mean"] <= 1e-12 and p["added"]["mean"] <= limit + 1e-9]
-    return min(ok) if ok else None
-
-
 def render_pairs(rows: dict, args) -> str:
     pct = lambda v: f"{100 * v['mean']:.1f} +- {100 * v['std']:.1f}"  # noqa: E731
     lines = ["# partial merging on digits, mean over pairs", "",
@@ -203,7 +203,7 @@ def render_pairs(rows: dict, args) -> str:
         for tag, c in r["curves"].items():
             verdict = []
             for strat, label in (("benefit", "benefit-ordered"), ("greedy_at", "greedy")):
-                hit = removed_within_mean(c[strat])
+                hit = removed_within(c[strat])
                 verdict.append(f"{label} removes the mean barrier within +30%: "
                                + (f"yes, at +{100 * hit:.0f}%" if hit is not None else "no"))
             lines += [f"### normalization: {tag} (full merge {pct(c['full_acc'])}; {'; '.join(verdict)})", "",
@@ -229,13 +229,12 @@ def plot(rows: dict, path: Path) -> None:
         for j, tag in enumerate(tags):
             ax = axes[i][j]
             c = r["curves"][tag]
-            mean = lambda v: v["mean"] if isinstance(v, dict) else v  # noqa: E731  (pair summaries)
             greedy = "greedy_at" if "pairs" in r else "greedy"
             for strat, style in (("forced", "o-"), ("adaptive", "s--"), ("benefit", "^-"), (greedy, "v-.")):
                 if strat not in c:
                     continue
-                pts = sorted(c[strat], key=lambda p: mean(p["added"]))
-                ax.plot([100 * mean(p["added"]) for p in pts], [100 * p["reduction"] for p in pts], style,
+                pts = sorted(c[strat], key=lambda p: _mean(p["added"]))
+                ax.plot([100 * _mean(p["added"]) for p in pts], [100 * p["reduction"] for p in pts], style,
                         label=strat.replace("_at", ""))
             ax.axhline(100, color="grey", lw=0.8, ls=":")
             ax.axvline(30, color="red", lw=0.8, ls=":")
