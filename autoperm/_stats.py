@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ._data import batch_inputs
+from ._data import stat_inputs
 from ._progress import progress as _progress
 from .analysis import Site
 from .frontend import TracedGraph
@@ -128,7 +128,7 @@ def pair_statistics(tg: TracedGraph, sites: Mapping[str, list[Site]], sizes: Map
     wanted = {s.node for g in stats for s in sites[g]}
     batches = 0
     for batch in _progress(data, desc="activation statistics"):
-        x = batch_inputs(batch, n_inputs)
+        x = stat_inputs(batch, n_inputs, "activation statistics")
         out_a = run_graph(tg, state_a, x, wanted)
         out_b = run_graph(tg, state_b, x, wanted)
         for g, st in stats.items():

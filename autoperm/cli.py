@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 from .cli_io import (EXIT_CODES, EXIT_DEPENDENCY, EXIT_FILE, EXIT_INTERNAL, EXIT_INTERRUPTED,  # noqa: F401
                      EXIT_MISMATCH, EXIT_MODEL, EXIT_OK, EXIT_OUTPUT, EXIT_TRACE, EXIT_USAGE, CLIError,
-                     _check_fits, _load_data, _load_model, _load_state, _write_state)
+                     _check_fits, _check_out, _device, _load_data, _load_model, _load_state, _write_state)
 
 
 # ----------------------------------------------------------------- parsing
@@ -45,6 +45,26 @@ def _shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape; write positive sizes separated by commas, "
                                          "e.g. 1,3,224,224")
     return shape
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _choices(kind: str) -> list[str]:
@@ -94,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True, metavar="MODEL", help="the architecture of A and B")
     merge.add_argument("--method", default="weight", choices=_choices("method"),
                        help="alignment (default: weight; identity = naive averaging)")
-    merge.add_argument("--alpha", type=float, default=0.5, help="weight of B in the average (default: 0.5)")
+    merge.add_argument("--alpha", type=_finite_float, default=0.5, help="weight of B in the average (default: 0.5)")
     merge.add_argument("--normalize", choices=_choices("normalize"),
                        help="after averaging: reset BatchNorm statistics, repair / rescale activations (these three need "
                             "--data), or calibrate / remove biases (no data)")
     merge.add_argument("--data", metavar="FILE", help="a .pt file holding a tensor of inputs or an "
                        "(inputs, targets) tuple; needed by --method activation and by --normalize")
-    merge.add_argument("--batch-size", type=int, default=256, help="batch size for --data (default: 256)")
+    merge.add_argument("--batch-size", type=_positive_int, default=256, help="batch size for --data (default: 256)")
     merge.add_argument("--input-shape", type=_shape, metavar="SHAPE", help="example input shape for tracing")
     merge.add_argument("--seed", type=int, default=0, help="seed of the matcher (default: 0)")
     merge.add_argument("--per-head", action="store_true", help="align each attention head's head_dim on its own "
@@ -140,6 +160,7 @@ def cmd_spec(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.suffix.lower() not in (".json", ".dot", ".gv", ".svg", ".png"):
             raise CLIError(f"--out {args.out!r}: use a .json, .dot, .svg or .png file name", EXIT_USAGE)
+        _check_out(out)
         try:
             render_spec(spec, out, model=model, example_inputs=inputs, compact=args.compact)
         except OSError as e:
@@ -176,8 +197,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if Path(p).exists() and (out.resolve() == Path(p).resolve() or (out.exists() and out.samefile(p))):
             raise CLIError(f"--out {args.out!r} is checkpoint {what}; refusing to overwrite an input: "
                            "choose another --out", EXIT_OUTPUT)
-    if not 0.0 <= args.alpha <= 1.0:
-        log.warning("--alpha %s lies outside [0, 1]: extrapolating", args.alpha)
+    _check_out(out)
+    device = _device(args.device)
     from .match import NEEDS_DATA
     from .merging import DATA_FREE
 
@@ -192,7 +213,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model, inputs = _load_model(args.model, args.input_shape)
     _check_fits(state_a, model, "A", args.a)
     _check_fits(state_b, model, "B", args.b)
-    device = torch.device(args.device)
     model_a = model.to(device)
     model_a.load_state_dict(state_a)
     model_b = copy.deepcopy(model_a)

@@ -23,7 +23,8 @@ EXIT_CODES = {
     EXIT_USAGE: "bad command line: unknown option, malformed value, missing --data for a method that needs it",
     EXIT_FILE: "an input file (checkpoint, data, model file) is missing or cannot be read",
     EXIT_MODEL: "MODEL is not a valid model string, or the model could not be built",
-    EXIT_MISMATCH: "a checkpoint does not fit the model (missing, unexpected or differently shaped tensor)",
+    EXIT_MISMATCH: "a checkpoint does not fit the model (missing, unexpected or differently shaped tensor) or holds "
+                   "non-finite values",
     EXIT_TRACE: "the model could not be traced or its spec failed the check (bad --input-shape, "
                 "data-dependent control flow, unsound rule)",
     EXIT_OUTPUT: "the output cannot be written (it would overwrite an input, or the folder is not writable)",
@@ -99,8 +100,8 @@ def _load_state(path: str, what: str) -> dict:
     except CLIError:
         raise
     except Exception as e:
-        raise CLIError(f"cannot read {what} checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                       EXIT_FILE) from e
+        raise CLIError(f"cannot read {what} checkpoint {path!r}: {type(e).__name__}: {_first_line(e)} (is it a "
+                       "state_dict saved by torch.save, or a .safetensors file?)", EXIT_FILE) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -120,6 +121,9 @@ def _check_fits(state: dict, model, what: str, path: str) -> None:
         raise CLIError(f"{what} checkpoint {path!r} has tensor {extra[0]!r}, which the model lacks"
                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""), EXIT_MISMATCH)
     for k, t in expected.items():
+        if state[k].is_floating_point() and not bool(state[k].isfinite().all()):
+            raise CLIError(f"tensor {k!r} of {what} checkpoint {path!r} holds non-finite values (NaN / inf): "
+                           "a diverged or corrupted checkpoint cannot be merged", EXIT_MISMATCH)
         if tuple(state[k].shape) != tuple(t.shape):
             raise CLIError(f"tensor {k!r} has shape {list(state[k].shape)} in {what} checkpoint {path!r} but "
                            f"{list(t.shape)} in the model; is --model the right architecture? (a model built for another input "
@@ -157,12 +161,54 @@ def _write_state(state: dict, out: Path) -> None:
     from .viz_render import write_atomic
 
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save = torch.save
     if out.suffix == ".safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError:
             raise CLIError("--out ends with .safetensors: pip install safetensors (or use .pt)", EXIT_DEPENDENCY) from None
         state = {k: v.clone() for k, v in state.items()}  # safetensors refuses shared storage
-        write_atomic(out, lambda tmp: save_file(state, tmp))
-    else:
-        write_atomic(out, lambda tmp: torch.save(state, tmp))
+        save = save_file
+    try:
+        write_atomic(out, lambda tmp: save(state, tmp))
+    except OSError as e:
+        raise CLIError(f"cannot write --out {str(out)!r}: {e.strerror or type(e).__name__}", EXIT_OUTPUT) from e
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written before any work is done: a folder, a path
+    under a file, or a folder that is not writable (missing folders are created later)."""
+    import os
+
+    if out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a folder: give a file name, e.g. {str(out / 'merged.pt')!r}",
+                       EXIT_OUTPUT)
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"--out {str(out)!r} lies under {str(parent)!r}, which is a file, not a folder", EXIT_OUTPUT)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {str(out)!r}: folder {str(parent)!r} is not writable", EXIT_OUTPUT)
+
+
+def _device(name: str):
+    """``--device`` as a torch.device that this torch can use."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"--device {name!r} is not a device: write cpu, cuda, cuda:1 or mps",
+                       EXIT_USAGE) from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name!r}: this torch has no CUDA device available; use --device cpu", EXIT_USAGE)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA devices", EXIT_USAGE)
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {name!r}: MPS is not available; use --device cpu", EXIT_USAGE)
+    return device

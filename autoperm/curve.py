@@ -74,7 +74,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float],
     """Evaluate ``merge(model_a, model_b, alpha=a, method=method, ...)`` for each alpha.
 
     ``evaluate(model)`` returns a number (stored as ``"value"``) or a dict of numbers. The
-    alignment is computed once and reused for every alpha.
+    alignment is computed once and reused for every alpha. With a ``normalize=`` that measures
+    data, the endpoints 0 and 1 are normalized models too (A and aligned B with, e.g., their
+    BatchNorm statistics recomputed), and barriers are measured against them; evaluate the
+    models themselves to compare with the originals.
     """
     from .merging import match, merge
 

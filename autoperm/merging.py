@@ -46,6 +46,9 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
         return (torch.randn(2, *cfg["input_size"], **kw),)
+    got = _graph_inputs(model, kw.get("device"))
+    if got is not None:
+        return got
     for m in model.modules():
         if isinstance(m, nn.Linear):
             return (torch.randn(2, m.in_features, **kw),)
@@ -55,6 +58,22 @@ def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
         if isinstance(m, nn.Embedding):
             return (torch.randint(0, m.num_embeddings, (2, 16), device=m.weight.device),)
     raise ValueError(f"cannot guess example inputs for {type(model).__name__}: pass example_inputs=")
+
+
+def _graph_inputs(model: nn.Module, device=None) -> tuple[torch.Tensor, ...] | None:
+    """Inputs shaped like the placeholders of a GraphModule that `torch.export` traced (emitted
+    modules keep that record until they are pickled): batch 2 for symbolic sizes."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return None
+    vals = [n.meta.get("val") for n in model.graph.nodes if n.op == "placeholder"]
+    if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    out = []
+    for v in vals:
+        shape = [s if isinstance(s, int) else 2 for s in v.shape]
+        out.append(torch.randn(shape, dtype=v.dtype, device=device) if v.is_floating_point()
+                   else torch.randint(0, 2, shape, device=device))
+    return tuple(out)
 
 
 def _inputs(model, example_inputs, data, n_inputs: int = 1) -> tuple[torch.Tensor, ...]:

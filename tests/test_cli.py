@@ -276,6 +276,40 @@ def test_merge_errors(checkpoints, model_file, tmp_path, capsys, case):
     assert paths["a"].read_bytes() == before and not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.parametrize("case", ["out_folder", "out_under_file", "device", "no_cuda", "batch_size", "alpha_nan",
+                                  "nan_checkpoint", "garbage_checkpoint"])
+def test_merge_errors_before_any_work(checkpoints, model_file, tmp_path, capsys, case):
+    """Bad --out / --device / --batch-size / --alpha and unusable checkpoints fail with the exit
+    code of cli.md's table and a message naming the option or file, before anything is written."""
+    if case == "no_cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    paths, net = checkpoints
+    a, b = str(paths["a"]), str(paths["b"])
+    out = tmp_path / "m.pt"
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    nan = net.make().state_dict()
+    nan["head.weight"][0, 0] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(256)) * 4)
+    args, code, words = {
+        "out_folder": (["--out", str(tmp_path / "folder")], EXIT_OUTPUT, "is a folder: give a file name"),
+        "out_under_file": (["--out", str(tmp_path / "file" / "m.pt")], EXIT_OUTPUT, "which is a file, not a folder"),
+        "device": (["--device", "floppy", "--out", str(out)], EXIT_USAGE, "--device 'floppy' is not a device"),
+        "no_cuda": (["--device", "cuda", "--out", str(out)], EXIT_USAGE, "no CUDA device"),
+        "batch_size": (["--batch-size", "0", "--out", str(out)], EXIT_USAGE, "--batch-size: '0' is not a positive"),
+        "alpha_nan": (["--alpha", "nan", "--out", str(out)], EXIT_USAGE, "--alpha: 'nan' is not a finite number"),
+        "nan_checkpoint": (["--out", str(out)], EXIT_MISMATCH, "'head.weight' of B checkpoint"),
+        "garbage_checkpoint": (["--out", str(out)], EXIT_FILE, "cannot read B checkpoint"),
+    }[case]
+    b = str(tmp_path / "nan.pt") if case == "nan_checkpoint" else str(tmp_path / "garbage.pt") \
+        if case == "garbage_checkpoint" else b
+    assert main(["merge", a, b, "--model", f"{model_file}:make", "--input-shape", SHAPE, *args]) == code
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and "internal error" not in err
+    assert not out.exists() and list((tmp_path / "folder").iterdir()) == []
+
+
 def test_console_script_reports_one_line_error(tmp_path):
     script = shutil.which("autoperm", path=str(Path(sys.executable).parent))
     cmd = [script] if script else [sys.executable, "-m", "autoperm"]

@@ -111,7 +111,14 @@ class MidpointLoss:
     def __call__(self, aligned_b: Mapping[str, torch.Tensor], step: int) -> torch.Tensor:
         inputs, target = self.batches[step % len(self.batches)]
         outputs = functional_call(self.model, self.midpoint(aligned_b), inputs, strict=False)
-        loss = self.loss_fn(outputs, target)
+        try:
+            loss = self.loss_fn(outputs, target)
+        except (TypeError, AttributeError) as e:
+            if isinstance(outputs, torch.Tensor):
+                raise
+            raise TypeError(f"loss_fn(outputs, target) failed on the model's outputs, a {type(outputs).__name__} "
+                            f"rather than a tensor ({type(e).__name__}: {e}); pass a loss_fn that reads them, e.g. "
+                            "loss_fn=lambda out, y: F.cross_entropy(out['logits'], y)") from e
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn(outputs, target) must return a scalar tensor; got "
                              f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else list(loss.shape)}")

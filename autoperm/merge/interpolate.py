@@ -26,6 +26,11 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, s
     """Raise naming the first difference: a missing tensor, a shape, a dtype, a device, or a
     non-finite value (``names``: what to call the two models in the message)."""
     first, second = names
+    for who, m in ((first, model_a), (second, model_b)):
+        if not isinstance(m, nn.Module):
+            hint = (" (a state_dict?): load it into a model first, e.g. m = Net(); m.load_state_dict(sd)"
+                    if isinstance(m, Mapping) else "")
+            raise TypeError(f"{who} must be a torch.nn.Module, got {type(m).__name__}{hint}")
     _note_classes(model_a, model_b, names)
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for name in list(sa) + [n for n in sb if n not in sa]:
@@ -46,12 +51,29 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, s
 
 def _note_classes(model_a: nn.Module, model_b: nn.Module, names: tuple[str, str]) -> None:
     """Warn when the models are of different classes: their tensors may match while their
-    forwards differ, and what is returned runs the first model's forward."""
-    ta, tb = type(model_a), type(model_b)
-    if ta is not tb:
-        log.warning("%s is a %s.%s but %s is a %s.%s: their tensors are aligned and merged as if both ran "
-                    "%s's forward, which the result runs; pass two models of one class if the forwards differ",
-                    names[0], ta.__module__, ta.__qualname__, names[1], tb.__module__, tb.__qualname__, names[0])
+    forwards differ, and what is returned runs the first model's forward. Two GraphModules
+    (each emitted module has a class of its own) count as one class when their code and
+    submodule classes agree."""
+    if _same_forward(model_a, model_b):
+        return
+    log.warning("%s is a %s but %s is a %s: their tensors are aligned and merged as if both ran %s's forward, "
+                "which the result runs; pass two models of one class if the forwards differ",
+                names[0], _class_name(model_a), names[1], _class_name(model_b), names[0])
+
+
+def _same_forward(a: nn.Module, b: nn.Module) -> bool:
+    if type(a) is type(b):
+        return True
+    if not (isinstance(a, torch.fx.GraphModule) and isinstance(b, torch.fx.GraphModule)):
+        return False
+    kinds = [[(n, type(m).__qualname__) for n, m in x.named_modules() if m is not x] for x in (a, b)]
+    return a.code == b.code and kinds[0] == kinds[1]
+
+
+def _class_name(m: nn.Module) -> str:
+    if isinstance(m, torch.fx.GraphModule):
+        return f"torch.fx.GraphModule {type(m).__name__!r}"
+    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def as_alpha(alpha) -> float:

@@ -43,14 +43,14 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from .._data import batch_inputs
+from ..merge.normalize import reset_graph_batchnorm
 from ..frontend import TracedGraph
 from .emit import buffer_keys, emit, output_spec
 from .pfm_fold import fold_plan, scale_folded
 from ..rules.base import packet_name as _packet
 
 __all__ = ["dense_nodes", "shortcut_projections", "counted_layers", "preserved_nodes", "build_pfm",
-           "reference_pfm", "reset_merged_batchnorm"]
+           "reference_pfm"]
 
 log = logging.getLogger(__name__)
 
@@ -268,63 +268,6 @@ def reference_pfm(tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tenso
     return list(torch.fx.node.map_arg(out.args[0], lambda n: get("merged", n)))
 
 
-class _BatchStats(torch.fx.Interpreter):
-    """Runs an emitted PFM module with the merged BatchNorms in training mode (batch statistics)
-    and accumulates each one's batch mean and unbiased variance."""
-
-    def __init__(self, gm: torch.fx.GraphModule, bns: set[str]) -> None:
-        super().__init__(gm)
-        self.bns = bns
-        self.sums: dict[str, list] = {}
-
-    def run_node(self, n: torch.fx.Node):
-        if n.name not in self.bns:
-            return super().run_node(n)
-        x, w, b, _, _, momentum, eps = self.map_nodes_to_values(n.args, n)
-        dims = [d for d in range(x.dim()) if d != 1]
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
-        count = x.numel() // x.shape[1]
-        acc = self.sums.setdefault(n.name, [0, 0.0, 0.0])
-        acc[0] += 1
-        acc[1] = acc[1] + mean
-        acc[2] = acc[2] + var * (count / max(count - 1, 1))
-        return torch.ops.aten._native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)
-
-
-@torch.no_grad()
-def reset_merged_batchnorm(module: torch.fx.GraphModule, bn_names: list[str], data: Iterable,
-                           n_inputs: int = 1) -> None:
-    """RESET for the merged part (in place): recompute the running statistics of the BatchNorm
-    nodes named ``bn_names`` as the average of their batch statistics over ``data``."""
-    if not bn_names:
-        log.info("normalize='reset': the merged part has no BatchNorm; nothing to reset")
-        return
-    nodes = {n.name: n for n in module.graph.nodes}
-    runner = _BatchStats(module, set(bn_names))
-    batches = 0
-    for batch in data:
-        runner.run(*batch_inputs(batch, n_inputs))
-        batches += 1
-    if batches == 0:
-        raise ValueError("normalize='reset' got no batches in data")
-    for name in bn_names:
-        count, s, sq = runner.sums[name]
-        rm, rv = (nodes[name].args[3].target, nodes[name].args[4].target)
-        for target, value in ((rm, s / count), (rv, sq / count)):
-            buf = module.get_buffer(target) if _is_buffer(module, target) else module.get_parameter(target)
-            buf.copy_(value.to(buf.dtype))
-    log.info("reset %d merged BatchNorm layers over %d batches", len(bn_names), batches)
-
-
-def _is_buffer(module: nn.Module, target: str) -> bool:
-    try:
-        module.get_buffer(target)
-        return True
-    except AttributeError:
-        return False
-
-
 def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tensor]],
                preserve_first: int, alpha: float, inputs: tuple[torch.Tensor, ...], outputs: Any,
                normalize: str | None = None, data: Iterable | None = None,
@@ -365,8 +308,8 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
 
     check_module(module, inputs, ref)
     if normalize == "reset":
-        reset_merged_batchnorm(module, [n for n in names if n in {m.name for m in module.graph.nodes}],
-                               data, len(inputs))
+        reset_graph_batchnorm(module, [n for n in names if n in {m.name for m in module.graph.nodes}],
+                              data, len(inputs))
     elif normalize in ("repair", "rescale"):
         from .pfm_normalize import repair_merged
 
