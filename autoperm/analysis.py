@@ -196,6 +196,9 @@ def _emit(tg: TracedGraph, table: AtomTable, values: dict) -> tuple[PermutationS
         if key in seen or key in aliases:
             continue
         seen.add(key)
+        if key in tg.unrecorded:  # every dim frozen; the entry's shape may not be the graph's (_relaid_keys)
+            frozen += [Frozen(key, d, s, tg.unrecorded[key]) for d, s in enumerate(tg.shapes.get(key, ())) if s >= 2]
+            continue
         for dim, atom in enumerate(values.get(by_name[name]) or []):
             for blk in table.blocks(atom, frozen_map):
                 if blk.size < 2:

@@ -71,7 +71,9 @@ def addmm(ctx: RuleContext) -> list[Constraint]:
 def _conv(ctx: RuleContext, transposed: bool) -> list[Constraint]:
     x, w, out = ctx.atoms(ctx.arg("input")), ctx.atoms(ctx.arg("weight")), ctx.out
     b = ctx.atoms(ctx.arg("bias"))
-    groups = int(ctx.arg("groups", 1))
+    groups = ctx.arg("groups", 1)
+    if isinstance(groups, bool) or not isinstance(groups, int):  # computed at run time (a batch-sized count)
+        return ctx.freeze(x + w + out + (b or []), "convolution with a group count computed at run time")
     nsp = len(w) - 2
     nb = len(x) - nsp - 1  # 1 for a batched input, 0 for an unbatched one
     cons = ctx.tie_all(x[:nb], out[:nb])
