@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._capture_checks import attribute_tensors, batch_reason, kept_caches, relaid_keys
 from ._copy import copy_module
 from ._split_stacked import split_stacked
 from .errors import ExampleInputError, TraceError
@@ -181,10 +182,10 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
             f"could not copy {type(model).__name__} (autoperm never traces the caller's model "
             f"itself): {type(e).__name__}: {e}. Legacy hooks such as nn.utils.weight_norm block "
             "deepcopy; use torch.nn.utils.parametrizations.weight_norm instead.") from e
-    before, attrs = _fingerprints(work), _attribute_tensors(work)
+    before, attrs = _fingerprints(work), attribute_tensors(work)
     try:
         with torch.no_grad():
-            expected = work(*(t.clone() for t in inputs))  # a forward may write to its inputs: not the caller's
+            work(*(t.clone() for t in inputs))  # a forward may write to its inputs: not the caller's
         after = _fingerprints(work)
     except Exception as e:
         shapes = [tuple(t.shape) for t in inputs]
@@ -195,17 +196,15 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
     # and EfficientFormer attention biases) clear the cache in train(): clear what the check
     # just filled, so that export traces the computation instead of lifting a constant
     work.eval()
-    stale = _kept_caches(work, inputs, attrs)
+    stale = kept_caches(model, work, inputs, attrs)
     batched, dynamic = _batched(inputs)
+    snapshot = copy_module(work) if dynamic and batched is not inputs else None  # the state export sees
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         # a forward cache refilled while exporting the throw-away copy (see above)
         warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
         ep, dynamic = _export_program(model, work, inputs, batched, dynamic)
-        if dynamic and batched is not inputs and not _reproduces(ep, inputs, expected):
-            log.info("the graph exported at batch 2 does not reproduce the model at batch 1 (a branch on the "
-                     "batch size?): exporting at batch 1")
-            ep, dynamic = _export_program(model, work, inputs, inputs, False)
+        batch_why = batch_reason(ep, snapshot, inputs) if dynamic and snapshot is not None else None
     tg = _wrap(ep, model, dynamic)
     recorded = set(ep.graph_signature.buffers_to_mutate.values())
     tg.unrecorded = {k: "written in forward outside the traced graph (.data =, a Python-flag branch or a hook)"
@@ -214,76 +213,19 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
         log.warning("the forward changed %s without torch.export recording the write: frozen",
                     sorted(tg.unrecorded))
     if stale:
-        log.warning("the forward caches tensors in %s and keeps them across calls (train() / eval() do not clear "
-                    "them): every dim is frozen", stale)
+        log.warning("the forward caches tensors in %s that depend on the weights and outlive calls (train() / "
+                    "eval() do not clear them): every dim is frozen", stale)
         why = (f"the forward caches tensors computed from the weights in {', '.join(stale[:3])}, which a permuted "
                "or merged copy would keep; clear them in train() (as timm's LeViT does) to make the model permutable")
         tg.unrecorded.update({k: why for k in tg.state_keys.values()})
-    relaid = _relaid_keys(model, tg.state_keys.values())
+    if batch_why:
+        log.warning("%s: every dim is frozen", batch_why)
+        tg.unrecorded.update({k: batch_why for k in tg.state_keys.values()})
+    relaid = relaid_keys(model, tg.state_keys.values())
     if relaid:
         log.warning("the state_dict entries %s are not the module's own tensors: frozen", sorted(relaid))
         tg.unrecorded.update(relaid)
     return tg
-
-
-def _relaid_keys(model: nn.Module, keys) -> dict[str, str]:
-    """State-dict keys whose entry is not the parameter / buffer the graph reads (a custom
-    ``_save_to_state_dict`` may store it transposed or reshaped): the spec's dims are those of
-    the state_dict tensor, so nothing about the graph's tensor carries over to them."""
-    own = dict(model.named_parameters(remove_duplicate=False))
-    own.update(model.named_buffers(remove_duplicate=False))
-    kept = model.state_dict(keep_vars=True)
-    return {k: "its state_dict entry is not the module's tensor (a custom _save_to_state_dict may store "
-               "another layout)" for k in keys if k in own and kept.get(k) is not own[k]}
-
-
-def _kept_caches(work: nn.Module, inputs: tuple[torch.Tensor, ...], before: dict[str, tuple]) -> list[str]:
-    """Tensor attributes that the first call set (and ``eval()`` did not clear) and a second call
-    reuses rather than recomputes: caches whose values outlive a change of the weights."""
-    first = _attribute_tensors(work)
-    changed = [k for k, v in first.items() if before.get(k) != v]
-    if not changed:
-        return []
-    with torch.no_grad():
-        work(*(t.clone() for t in inputs))
-    second = _attribute_tensors(work)
-    work.eval()
-    return sorted(k for k in changed if second.get(k) == first[k])
-
-
-def _attribute_tensors(model: nn.Module) -> dict[str, tuple]:
-    """Fingerprints of the tensors that modules hold as plain attributes (not parameters or
-    buffers), directly or in a dict / list / tuple attribute: where forwards keep caches."""
-    def mark(t: torch.Tensor) -> tuple:
-        try:
-            ptr = t.data_ptr()
-        except RuntimeError:
-            ptr = 0
-        return id(t), ptr, t._version, tuple(t.shape)
-
-    out: dict[str, tuple] = {}
-    for name, mod in model.named_modules():
-        for attr, v in vars(mod).items():
-            if attr in ("_parameters", "_buffers", "_modules"):
-                continue
-            items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, (list, tuple)) else [("", v)]
-            for k, x in items:
-                if isinstance(x, torch.Tensor):
-                    out[f"{name}.{attr}{f'[{k!r}]' if k != '' else ''}".lstrip(".")] = mark(x)
-    return out
-
-
-def _reproduces(ep, inputs: tuple[torch.Tensor, ...], expected: Any) -> bool:
-    """Whether the exported program gives the eager outputs ``expected`` on ``inputs``."""
-    from .verify import output_error
-
-    try:
-        with torch.no_grad():
-            got = ep.module()(*(t.clone() for t in inputs))
-        return output_error(expected, got) <= 1e-4
-    except Exception as e:  # a guard of the dynamic batch, or outputs that cannot be compared
-        log.debug("the exported program at the example batch: %s: %s", type(e).__name__, e)
-        return False
 
 
 def _fingerprints(model: nn.Module) -> dict[str, tuple]:

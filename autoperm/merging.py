@@ -72,7 +72,7 @@ def _graph_inputs(model: nn.Module, device=None) -> tuple[torch.Tensor, ...] | N
     for v in vals:
         shape = [s if isinstance(s, int) else 2 for s in v.shape]
         out.append(torch.randn(shape, dtype=v.dtype, device=device) if v.is_floating_point()
-                   else torch.randint(0, 2, shape, device=device))
+                   else torch.zeros(shape, dtype=v.dtype, device=device))  # ids / masks: zeros are valid
     return tuple(out)
 
 

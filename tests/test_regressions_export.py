@@ -23,26 +23,76 @@ class Batch1Branch(nn.Module):
         return self.b(h)
 
 
-def test_a_branch_on_a_batch_of_one_is_traced_at_batch_one():
+class NotBatch1Branch(Batch1Branch):
+    def forward(self, x):
+        h = self.a(x)
+        if x.shape[0] != 1:  # the mirror image: batch 1 is the plain path
+            h = h.flip(1)
+        return self.b(h)
+
+
+def _sound_at(model, spec, batches=(1, 4)):
+    for n in batches:
+        x = torch.randn(n, 3, 6, 6, dtype=torch.float64)
+        for seed in range(3):
+            permuted = autoperm.permute(model, spec, autoperm.random_permutation(spec, seed, derangement=True))
+            assert torch.allclose(permuted(x), model(x), atol=1e-9), (n, seed)
+
+
+@pytest.mark.parametrize("cls", [Batch1Branch, NotBatch1Branch])
+def test_a_branch_on_the_batch_size_freezes_a_batch_one_trace(cls):
+    """A batch of one is exported at batch two: the batch-1 path was never traced. Neither graph's
+    spec holds for both batch sizes, so a model that differs between them is frozen."""
     torch.manual_seed(0)
-    spec = assert_sound(Batch1Branch().eval(), torch.randn(1, 3, 6, 6))
-    assert spec.meta["dynamic_batch"] is False and not spec.groups  # flip fixes the channel order
-    # control: a plain model traced at batch 1 keeps its dynamic batch and its group
-    plain = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 5, 1)).eval()
-    spec = assert_sound(plain, torch.randn(1, 3, 6, 6))
+    model = cls().double().eval()
+    spec = autoperm.trace(model, torch.randn(1, 3, 6, 6, dtype=torch.float64))
+    assert not spec.groups and any("computes differently at batch 1" in f.reason for f in spec.frozen)
+    _sound_at(model, spec)
+    assert [g.size for g in autoperm.trace(model, torch.randn(2, 3, 6, 6, dtype=torch.float64)).groups] == \
+        ([8] if cls is Batch1Branch else [])  # traced at batch 2: the batch >= 2 path, as documented
+
+
+def test_a_plain_model_traced_at_batch_one_keeps_its_dynamic_batch():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 5, 1)).double().eval()
+    spec = autoperm.trace(plain, torch.randn(1, 3, 6, 6, dtype=torch.float64))
     assert spec.meta["dynamic_batch"] is True and [g.size for g in spec.groups] == [8]
+    _sound_at(plain, spec)
+
+
+class Normalizer(nn.Module):
+    """Updates a running mean of its inputs in forward (a buffer write): batch 1 is not special."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(6))
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.b(torch.relu(self.a(x - self.mean)))
+
+
+def test_a_forward_that_writes_a_buffer_keeps_its_dynamic_batch():
+    """Comparing the export with the *first* eager call (before its buffer write) took the write for
+    a batch branch, forced a static batch, and later batches of data crashed."""
+    spec = autoperm.trace(Normalizer().eval(), torch.randn(1, 6))
+    assert spec.meta["dynamic_batch"] is True and [g.size for g in spec.groups] == [16]
 
 
 class TransposedStateDict(nn.Module):
-    """Stores its weight transposed in the state_dict (custom save / load hooks)."""
+    """Stores its weight transposed in the state_dict (custom save / load hooks); with
+    ``detached_only`` only when ``keep_vars=False`` (what torch.save sees)."""
 
-    def __init__(self, c2: int):
+    def __init__(self, c2: int, detached_only: bool = False):
         super().__init__()
         self.inp, self.W, self.out = nn.Linear(12, 8), nn.Parameter(torch.randn(8, c2)), nn.Linear(c2, 4)
+        self.detached_only = detached_only
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "W"] = destination[prefix + "W"].t()
+        if not (self.detached_only and keep_vars):
+            destination[prefix + "W"] = destination[prefix + "W"].t()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict = dict(state_dict)
@@ -53,13 +103,15 @@ class TransposedStateDict(nn.Module):
         return self.out(torch.tanh(self.inp(x) @ self.W))
 
 
-@pytest.mark.parametrize("c2", [8, 6])
-def test_a_state_dict_entry_in_another_layout_is_frozen(c2):
+@pytest.mark.parametrize("c2,detached_only", [(8, False), (6, False), (8, True)])
+def test_a_state_dict_entry_in_another_layout_is_frozen(c2, detached_only):
     """The spec's dims are the state_dict tensor's: a transposed entry got the graph's groups."""
     torch.manual_seed(0)
-    spec = assert_sound(TransposedStateDict(c2).eval(), torch.randn(2, 5, 12))
+    spec = autoperm.trace(TransposedStateDict(c2, detached_only).eval(), torch.randn(2, 5, 12), verify=False)
     assert not spec.groups
     assert {f.dim for f in spec.frozen if f.tensor == "W" and "_save_to_state_dict" in f.reason} == {0, 1}
+    plain = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4)).eval()  # control: the usual entries
+    assert [g.size for g in autoperm.trace(plain, torch.randn(2, 5, 12)).groups] == [8]
 
 
 class LazyCache(nn.Module):
@@ -76,27 +128,53 @@ class LazyCache(nn.Module):
         return self.out(torch.tanh(self.inp(x) @ self.w) * self.cache)
 
 
-def test_a_cache_kept_across_calls_freezes_the_model():
+class Holder:
+    """A plain object holding a cache (not a module, dict or list)."""
+
+    def __init__(self):
+        self.t = None
+
+
+class NestedCache(LazyCache):
+    def __init__(self):
+        super().__init__()
+        self.box = Holder()
+
+    def forward(self, x):
+        if self.box.t is None:
+            self.box.t = self.w.detach()[0].clone()
+        return self.out(torch.tanh(self.inp(x) @ self.w) * self.box.t)
+
+
+class TableCache(LazyCache):
+    """Caches a table that does not depend on the weights (a positional-encoding style cache)."""
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = torch.linspace(0.5, 1.5, 6)
+        return self.out(torch.tanh(self.inp(x) @ self.w) * self.cache)
+
+
+@pytest.mark.parametrize("cls", [LazyCache, NestedCache])
+def test_a_weight_dependent_cache_kept_across_calls_freezes_the_model(cls):
     """The trace's first call filled the cache, which export lifted as a constant, while the row
     of w it came from stayed free: a never-called permuted copy computed it from permuted w."""
-    x = torch.randn(2, 12)
     torch.manual_seed(0)
-    fresh = LazyCache().eval()
-    spec = autoperm.trace(fresh, x, verify=False)
+    fresh = cls().eval()
+    spec = autoperm.trace(fresh, torch.randn(2, 12), verify=False)
     assert fresh.cache is None and not spec.groups  # the caller's model was not called
-    assert any("caches tensors computed from the weights in cache" in f.reason for f in spec.frozen)
-    for seed in range(3):  # the never-called model and a copy of it permuted: the same function
-        permuted = autoperm.permute(fresh, spec, autoperm.random_permutation(spec, seed))
-        assert torch.allclose(permuted(x), _fresh_copy_output(fresh, x), atol=1e-6)
+    assert any("caches tensors computed from the weights" in f.reason for f in spec.frozen)
+
+
+@pytest.mark.parametrize("cls,sizes", [(lambda: LazyCache(keep=False), [6]), (TableCache, [8])],
+                         ids=["recomputed", "weight_free"])
+def test_tensors_stored_in_forward_that_are_not_stale_caches_keep_their_groups(cls, sizes):
+    """Not frozen whole: the row of w read each call freezes w's dim 0; the fixed table, the
+    dims it scales."""
     torch.manual_seed(0)
-    spec = assert_sound(LazyCache(keep=False).eval(), x)  # control: recomputed each call, not frozen
-    assert [g.size for g in spec.groups] == [6]
-
-
-def _fresh_copy_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    import copy
-
-    return copy.deepcopy(model)(x)
+    spec = assert_sound(cls().eval(), torch.randn(2, 12))
+    assert [g.size for g in spec.groups] == sizes
+    assert not any("caches tensors computed from the weights" in f.reason for f in spec.frozen)
 
 
 class BatchGroupedConv(nn.Module):

@@ -69,7 +69,7 @@ def test_statistics_data_that_cannot_give_statistics(norm, case):
         a, b = (nn.Sequential(m[0], nn.BatchNorm1d(16), m[1], m[2]).eval() for m in (a, b))
     data = {"one sample": [torch.randn(1, 10)], "empty batch": [torch.randn(0, 10)],
             "nan": [torch.full((8, 10), float("nan"))], "no batches": []}[case]
-    message = {"one sample": "at least 2 samples", "empty batch": "no rows", "nan": "non-finite",
+    message = {"one sample": "at least 2 samples|more than one value per channel", "empty batch": "no rows", "nan": "non-finite",
                "no batches": "2 samples|no batches"}[case]
     with pytest.raises(ValueError, match=message):
         autoperm.merge(a, b, normalize=norm, data=data, example_inputs=torch.randn(2, 10))

@@ -135,3 +135,65 @@ def test_loss_fn_that_cannot_read_dict_outputs_is_named():
     merged = autoperm.merge(a, b, method="ste", data=data, steps=1,  # control: a loss_fn that reads the dict
                             loss_fn=lambda out, y: F.cross_entropy(out["logits"], y))
     assert torch.isfinite(merged(data[0][0])["logits"]).all()
+
+
+class Outer(nn.Module):
+    """An emitted module used as a submodule, beside an nn.BatchNorm."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone, self.norm, self.fc = backbone, nn.BatchNorm1d(3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.backbone(x)))
+
+
+def test_reset_reaches_emitted_modules_inside_a_model():
+    a = _net(0)
+    inner, _ = autoperm.insert_perm_layers(a, torch.randn(2, 1, 6, 6))
+    torch.manual_seed(3)
+    plain, wrapped = Outer(copy.deepcopy(a)).eval(), Outer(inner).eval()
+    wrapped.load_state_dict(plain.state_dict(), strict=False)  # the same outer head
+    assert has_batchnorm(Outer(inner)) and has_batchnorm(nn.Sequential(inner))
+    ref = reset_batchnorm(copy.deepcopy(plain), _data()).state_dict()
+    got = reset_batchnorm(copy.deepcopy(wrapped), _data()).state_dict()
+    for k in [f"backbone.{s}" for s in STATS] + ["norm.running_mean", "norm.running_var"]:
+        assert torch.allclose(got[k], ref[k], atol=1e-5), k
+
+
+class SharedBN(nn.Module):
+    """One BatchNorm applied twice: RESET averages over both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn, self.fc = nn.Linear(4, 6), nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.bn(self.drop(self.a(x)))
+        return self.fc(self.bn(self.b(torch.relu(h))))
+
+
+def test_graph_reset_of_a_batchnorm_used_twice_and_dropout_match_the_module_reset():
+    torch.manual_seed(0)
+    m = SharedBN().eval()
+    emitted = torch.export.export(m, (torch.randn(32, 4),)).run_decompositions({}).module()  # a GraphModule
+    assert len(graph_batchnorms(emitted)) == 2  # two nodes, one pair of buffers
+    data = [torch.randn(32, 4) for _ in range(3)]
+    ref = reset_batchnorm(copy.deepcopy(m), data).state_dict()
+    got = reset_batchnorm(copy.deepcopy(emitted), data).state_dict()
+    for k in ("bn.running_mean", "bn.running_var"):
+        assert torch.allclose(got[k], ref[k], atol=1e-5), k
+    # dropout stays off while statistics are measured: the module path equals a dropout-free model
+    nodrop = copy.deepcopy(m)
+    nodrop.drop = nn.Identity()
+    assert torch.allclose(reset_batchnorm(nodrop, data).state_dict()["bn.running_var"], ref["bn.running_var"])
+
+
+def test_reset_accepts_a_batch_of_one_image():
+    m = _net(0)
+    one = [torch.randn(1, 1, 6, 6) for _ in range(2)]
+    out = reset_batchnorm(copy.deepcopy(m), one).state_dict()
+    assert not torch.allclose(out["bn.running_var"], m.state_dict()["bn.running_var"])
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        reset_batchnorm(SharedBN().eval(), [torch.randn(1, 4)])

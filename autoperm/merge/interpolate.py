@@ -66,8 +66,8 @@ def _same_forward(a: nn.Module, b: nn.Module) -> bool:
         return True
     if not (isinstance(a, torch.fx.GraphModule) and isinstance(b, torch.fx.GraphModule)):
         return False
-    kinds = [[(n, type(m).__qualname__) for n, m in x.named_modules() if m is not x] for x in (a, b)]
-    return a.code == b.code and kinds[0] == kinds[1]
+    kinds = [[(n, type(m).__qualname__, getattr(m, "code", None)) for n, m in x.named_modules()] for x in (a, b)]
+    return kinds[0] == kinds[1]  # the code of every GraphModule in them, the root's included
 
 
 def _class_name(m: nn.Module) -> str:

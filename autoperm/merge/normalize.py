@@ -40,18 +40,23 @@ def graph_batchnorms(model: nn.Module) -> list[str]:
             and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in n.args[3:5])]
 
 
+def _graph_parts(model: nn.Module) -> list[tuple[torch.fx.GraphModule, list[str]]]:
+    """Every GraphModule in ``model`` (itself included) with its BatchNorm nodes."""
+    return [(m, names) for m in model.modules() if (names := graph_batchnorms(m))]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has BatchNorm running statistics (modules or emitted graph nodes)."""
-    return bool(_module_batchnorms(model) or graph_batchnorms(model))
+    return bool(_module_batchnorms(model) or _graph_parts(model))
 
 
 def _batches(data: Iterable, n_inputs: int, what: str):
     batches = samples = 0
     for batch in progress(data, desc="BatchNorm reset"):
         x = stat_inputs(batch, n_inputs, what)
-        if x[0].shape[0] < 2:
-            raise ValueError(f"{what} runs BatchNorm in training mode, which needs at least 2 "
-                             f"samples per batch; a batch in data= has {x[0].shape[0]}: merge small batches")
+        if x[0].shape[0] < 2 and x[0].dim() <= 2:  # one value per channel: no batch statistics
+            raise ValueError(f"{what} runs BatchNorm on batch statistics, which needs more than one value per "
+                             f"channel; a batch in data= has {x[0].shape[0]} sample(s): merge small batches")
         yield x
         batches += 1
         samples += x[0].shape[0]
@@ -63,53 +68,68 @@ def _batches(data: Iterable, n_inputs: int, what: str):
 @torch.no_grad()
 def reset_batchnorm(model: nn.Module, data: Iterable, n_inputs: int = 1) -> nn.Module:
     """Recompute BatchNorm running statistics of ``model`` (in place; pass a copy) as the exact
-    average over ``data``; ``num_batches_tracked`` keeps its value. Returns the model in eval mode.
-    BatchNorm nodes of an emitted ``GraphModule`` are reset by `reset_graph_batchnorm`."""
+    average over ``data`` of the batch statistics (the mean, and the unbiased variance, of each
+    batch, as ``momentum=None`` in training mode computes them), with every other module in eval
+    mode (dropout off); ``num_batches_tracked`` keeps its value. BatchNorm nodes of emitted
+    GraphModules, at the top or inside, are reset in the same pass. Returns the model in eval mode."""
     bns = _module_batchnorms(model)
-    nodes = graph_batchnorms(model)
-    if nodes and not bns:
-        reset_graph_batchnorm(model, nodes, data, n_inputs)
-        return model.eval()
+    parts = [(gm, _BatchStats(gm, set(names))) for gm, names in _graph_parts(model)]
     saved = {m: m.momentum for m in bns}
     counts = {m: m.num_batches_tracked.clone() for m in bns if m.num_batches_tracked is not None}
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: the exact mean over the batches seen
-    model.train()
+    model.eval()
+    for m in bns:
+        m.train()
+    for gm, runner in parts:
+        gm.forward = runner.run  # an instance attribute: nn.Module.__call__ runs the graph with batch statistics
     try:
         for x in _batches(data, n_inputs, "normalize='reset'"):
             model(*x)
     finally:
+        for gm, _ in parts:
+            del gm.forward
         for m, mom in saved.items():
             m.momentum = mom
         for m, n in counts.items():  # an integer buffer: model_a's, as every other one (not the batches seen here)
             m.num_batches_tracked.copy_(n)
-    log.info("reset %d BatchNorm layers", len(bns))
+    for gm, runner in parts:
+        runner.write()
+    log.info("reset %d BatchNorm layers and %d BatchNorm nodes", len(bns), sum(len(r.keys) for _, r in parts))
     return model.eval()
 
 
 class _BatchStats(torch.fx.Interpreter):
-    """Runs a GraphModule with the chosen eval-mode BatchNorm nodes in training mode (batch
-    statistics) and accumulates each one's batch mean and unbiased variance."""
+    """Runs a GraphModule with the chosen eval-mode BatchNorm nodes on batch statistics and
+    accumulates, per pair of running-statistics tensors (a BatchNorm used twice is one pair),
+    the batch mean and unbiased variance of every call."""
 
     def __init__(self, gm: torch.fx.GraphModule, bns: set[str]) -> None:
         super().__init__(gm)
-        self.bns = bns
-        self.sums: dict[str, list] = {}
+        self.keys = {n.name: (n.args[3].target, n.args[4].target) for n in gm.graph.nodes if n.name in bns}
+        self.sums: dict[tuple[str, str], list] = {}
 
     def run_node(self, n: torch.fx.Node):
-        if n.name not in self.bns:
+        if n.name not in self.keys:
             return super().run_node(n)
         x, w, b, _, _, momentum, eps = self.map_nodes_to_values(n.args, n)
         dims = [d for d in range(x.dim()) if d != 1]
         mean = x.mean(dims)
         var = x.var(dims, unbiased=False)
         count = x.numel() // x.shape[1]
-        acc = self.sums.setdefault(n.name, [0, 0.0, 0.0])
+        acc = self.sums.setdefault(self.keys[n.name], [0, 0.0, 0.0])
         acc[0] += 1
         acc[1] = acc[1] + mean
         acc[2] = acc[2] + var * (count / max(count - 1, 1))
         return _EVAL_BN(x, w, b, mean, var, momentum, eps)
+
+    def write(self) -> None:
+        """Set each pair of running statistics to the averages accumulated so far."""
+        for (rm, rv), (count, s, sq) in self.sums.items():
+            for target, value in ((rm, s / count), (rv, sq / count)):
+                buf = _tensor(self.module, target)
+                buf.copy_(value.to(buf.dtype))
 
 
 @torch.no_grad()
@@ -124,16 +144,11 @@ def reset_graph_batchnorm(module: torch.fx.GraphModule, names: list[str], data: 
     if not names:
         log.info("normalize='reset': no BatchNorm to reset")
         return
-    nodes = {n.name: n for n in module.graph.nodes}
     runner = _BatchStats(module, set(names))
     for x in _batches(data, n_inputs, "normalize='reset'"):
         runner.run(*x)
-    for name in names:
-        count, s, sq = runner.sums[name]
-        for arg, value in ((nodes[name].args[3], s / count), (nodes[name].args[4], sq / count)):
-            buf = _tensor(module, arg.target)
-            buf.copy_(value.to(buf.dtype))
-    log.info("reset %d BatchNorm layers of an emitted module", len(names))
+    runner.write()
+    log.info("reset %d BatchNorm nodes of an emitted module", len(names))
 
 
 def _tensor(module: nn.Module, target: str) -> torch.Tensor:
