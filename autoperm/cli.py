@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="alignment (default: weight; identity = naive averaging)")
     merge.add_argument("--alpha", type=_finite_float, default=0.5, help="weight of B in the average (default: 0.5)")
     merge.add_argument("--normalize", choices=_choices("normalize"),
-                       help="after averaging: reset BatchNorm statistics, repair / rescale activations (these three need "
-                            "--data), or calibrate / remove biases (no data)")
+                       help="after averaging: reset BatchNorm statistics, repair / rescale activations, refit every "
+                            "layer to the endpoints' interpolated outputs (regression; these four need --data), or "
+                            "calibrate / remove biases (no data)")
     merge.add_argument("--data", metavar="FILE", help="a .pt file holding a tensor of inputs or an "
                        "(inputs, targets) tuple; needed by --method activation and by --normalize")
     merge.add_argument("--batch-size", type=_positive_int, default=256, help="batch size for --data (default: 256)")

@@ -81,7 +81,8 @@ def _train(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int, width: int)
 
 def run_demo(out_dir: str | Path = "autoperm_demo", epochs: int = 8, width: int = 48) -> str:
     """Train two `DemoNet`s on digits from different seeds, compile the spec, merge them (naive,
-    weight matching, + REPAIR, activation matching + REPAIR) against the ensemble, and write
+    weight matching, + REPAIR, activation matching + REPAIR / + regression) against the ensemble,
+    and write
     ``spec.json``, ``spec.dot``, ``curve.csv`` (and ``curve.png`` when matplotlib is installed)
     under ``out_dir``; return the report."""
     import time
@@ -113,7 +114,8 @@ def run_demo(out_dir: str | Path = "autoperm_demo", epochs: int = 8, width: int 
     for label, al, norm in [("naive average", match(a, b, spec, method="identity"), None),
                             ("weight matching", weight, None), ("weight matching + RESET", weight, "reset"),
                             ("weight matching + REPAIR", weight, "repair"),
-                            ("activation matching + REPAIR", activation, "repair")]:
+                            ("activation matching + REPAIR", activation, "repair"),
+                            ("activation matching + regression", activation, "regression")]:
         rows.append((label, acc(merge(a, b, alignment=al, normalize=norm, data=data))))
     alphas = [i / 8 for i in range(9)]
     curves = {name: interpolate(a, b, alphas, acc, alignment=al, normalize=norm, data=data)

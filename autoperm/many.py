@@ -38,13 +38,14 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
                data: Iterable | None = None, example_inputs: Any = None, normalize: str | None = None,
                loss_fn: Callable | None = None, seed: int = 0, reference: str = "average",
                max_rounds: int = 10, bias_layers: int | None = None, steps: int | None = None,
-               lr: float | None = None) -> nn.Module:
+               lr: float | None = None, ridge: float | None = None) -> nn.Module:
     """A new module of ``models[0]``'s class: the equal-weight average of all models, each aligned
     to a common reference (module docstring). No model is modified.
 
     ``method``, ``data``, ``example_inputs``, ``loss_fn``, ``seed``, ``steps`` and ``lr`` are
-    `autoperm.match`'s; ``normalize`` and ``bias_layers`` are `autoperm.merge`'s, with the goal
-    statistics of REPAIR / RESCALE the average of the aligned models' and bias calibration
+    `autoperm.match`'s; ``normalize``, ``bias_layers`` and ``ridge`` are `autoperm.merge`'s, with the
+    goal statistics of REPAIR / RESCALE (and the goal outputs of regression) the average of the
+    aligned models' and bias calibration
     ``sum_i (1/n)^l b_i``. Example::
 
         merged = autoperm.merge_many([m1, m2, m3, m4])                     # weight matching
@@ -57,7 +58,7 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
         raise ValueError(f"reference={reference!r}: choose 'average' (iterated, Git Re-Basin) or 'first'")
     if not isinstance(max_rounds, int) or max_rounds < 0:
         raise ValueError(f"max_rounds={max_rounds!r}: pass a non-negative integer")
-    check_normalize(normalize, data, bias_layers)
+    check_normalize(normalize, data, bias_layers, ridge)
     first = models[0]
     for i, m in enumerate(models[1:], 1):
         check_compatible(first, m, ("models[0]", f"models[{i}]"))
@@ -77,7 +78,7 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
     aligned = [permute_state_dict(s, spec, p) for s, p in zip(states, perms)]
     weights = [1.0 / len(models)] * len(models)
     return combine(first, aligned, weights, al, normalize=normalize, data=data, example_inputs=example_inputs,
-                   bias_layers=bias_layers)
+                   bias_layers=bias_layers, ridge=ridge)
 
 
 def _iterate(first, models, states, spec, perms, opts, max_rounds, compiled=None):

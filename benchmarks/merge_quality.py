@@ -1,7 +1,7 @@
 """Merge quality on scikit-learn's digits (or mnist1d): pairs trained from different seeds, merged by naive
 averaging, weight matching, activation matching, Sinkhorn matching (weight-distance objective,
 and midpoint-loss objective as "sinkhorn_loss") and the straight-through estimator ("ste"), each
-without normalization and with RESET (BatchNorm models) / REPAIR / RESCALE.
+without normalization and with RESET (BatchNorm models) / REPAIR / RESCALE / regression.
 
 Usage: python benchmarks/merge_quality.py [--models mlp512,resnet20x4] [--epochs 30] [--steps 300]
        [--methods identity,weight,activation,sinkhorn,sinkhorn_loss,ste] [--dataset digits|mnist1d]
@@ -137,7 +137,7 @@ def run_model(name, epochs, train_set, test_set, methods=METHODS, steps=None, lr
            "acc_a": ev(a)["acc"], "acc_b": ev(b)["acc"],
            "ensemble": (ens_logits.argmax(1) == yte).float().mean().item(), "merges": {}}
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
-    norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale"]
+    norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale", "regression"]
     spec = autoperm.trace(a, xte[:4])
     spec_heads = autoperm.trace(a, xte[:4], hierarchical=True) \
         if any(m.partition("@")[0].endswith("_heads") for m in methods) else None
@@ -168,6 +168,18 @@ def append_rows(old, new):
     return out
 
 
+NORM_ORDER = ("none", "reset", "repair", "rescale", "regression")
+
+
+def _ordered(merges: dict) -> list:
+    """Rows grouped by method (in the order methods first appear), normalizations in NORM_ORDER:
+    rows added by a later ``--append`` run sit with their method."""
+    methods = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in merges))
+    rank = lambda k: (methods.index(k.rsplit("/", 1)[0]),  # noqa: E731
+                      NORM_ORDER.index(k.rsplit("/", 1)[1]) if k.rsplit("/", 1)[1] in NORM_ORDER else len(NORM_ORDER))
+    return sorted(merges.items(), key=lambda kv: rank(kv[0]))
+
+
 def render(rows, args):
     if args.dataset == "digits":
         title, cmd, what = "digits", "", "scikit-learn digits, 1400 train / 397 test"
@@ -175,9 +187,15 @@ def render(rows, args):
         title, cmd = "mnist1d", " --dataset mnist1d --append --models MODEL [--methods M] [--lr LR]"
         what = ("mnist1d generated offline by its package (default arguments, seed 42; 4000 train / 1000 test "
                 "signals of length 40; conv models in their 1-D variants)")
-    lines = [f"# merge quality on {title}", "",
+    if getattr(args, "tag", None):
+        cmd = f" --models {args.models} --methods {args.methods} --tag {args.tag}" + \
+            ("" if args.dataset == "digits" else f" --dataset {args.dataset}")
+    lines = [f"# merge quality on {title}" + (f" ({args.tag})" if getattr(args, "tag", None) else ""), "",
              f"`python benchmarks/merge_quality.py{cmd} --epochs {args.epochs}` ({what}, pairs trained from seeds 1 and 2; alpha is the weight of model B; barriers are maxima "
-             "over alpha in {0, .25, .5, .75, 1}; accuracies in %). sinkhorn: weight-distance objective; "
+             "over alpha in {0, .25, .5, .75, 1}; accuracies in %). Normalizations: RESET / REPAIR / RESCALE (the papers') "
+             "and regression (autoperm's: each conv / linear layer refit by ridge regression to the interpolation of "
+             "the endpoints' outputs on the training inputs; rows added later by `--append` where listed). "
+             "sinkhorn: weight-distance objective; "
              "sinkhorn_loss and ste: midpoint cross-entropy on the training batches; activation_all (where run): "
              "activation matching on all sites (`features=\"all\"`: residual sums and normalized values too); "
              "activation_shift (where run): the same with its statistics taken over the training inputs and their "
@@ -196,7 +214,7 @@ def render(rows, args):
                   f"ensemble {100 * r['ensemble']:.1f}", "",
                   "| method / normalization | midpoint acc | acc barrier | loss barrier | match s |",
                   "| --- | ---: | ---: | ---: | ---: |"]
-        for key, m in r["merges"].items():
+        for key, m in _ordered(r["merges"]):
             lines.append(f"| {key} | {100 * m['mid_acc']:.1f} | {100 * m['acc_barrier']:.1f} | "
                          f"{m['loss_barrier']:.3f} | {m['match_s']:.2f} |")
         lines.append("")
@@ -215,10 +233,14 @@ def main():
     ap.add_argument("--append", action="store_true",
                     help="keep the other models' rows already in OUT/merge_quality[_DATASET].json (runs of separate "
                          "models, e.g. in parallel processes, add up)")
+    ap.add_argument("--tag", default=None,
+                    help="write OUT/merge_quality[_DATASET]_TAG.md / .json instead (a separate run: another "
+                         "machine's training differs in the last bits, so its rows are not mixed with the main file's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train_set, test_set = DATASETS[args.dataset]()
     stem = "merge_quality" if args.dataset == "digits" else f"merge_quality_{args.dataset}"
+    stem += f"_{args.tag}" if args.tag else ""
     rows = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

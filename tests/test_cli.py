@@ -85,6 +85,7 @@ def test_demo_writes_spec_and_graph(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stage2.0.shortcut.0.weight" in result.stdout and "weight matching + REPAIR" in result.stdout
+    assert "activation matching + regression" in result.stdout
     rows = (out / "curve.csv").read_text().splitlines()
     assert rows[0] == "alpha,naive + RESET,weight + REPAIR" and len(rows) == 10
     spec = json.loads((out / "spec.json").read_text())

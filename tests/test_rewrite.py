@@ -148,7 +148,7 @@ def test_pfm_reset_matches_batchnorm_reset_and_spares_preserved():
     assert not torch.allclose(sd["merged.8.running_mean"], plain["merged.8.running_mean"]), "merged BatchNorm reset"
 
 
-@pytest.mark.parametrize("mode", ["repair", "rescale"])
+@pytest.mark.parametrize("mode", ["repair", "rescale", "regression"])
 @pytest.mark.parametrize("name", ["mlp", "vgg"])
 def test_pfm_repair_limits(name, mode):
     """l = 0 with REPAIR / RESCALE is the plain normalized merge; l >= L normalizes nothing (ensemble)."""

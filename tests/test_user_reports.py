@@ -39,7 +39,7 @@ def test_alignment_of_other_models_is_refused():
     assert torch.allclose(autoperm.merge(a, b, alignment=own)(x), autoperm.merge(a, b)(x))
 
 
-@pytest.mark.parametrize("norm", ["repair", "rescale", "reset"])
+@pytest.mark.parametrize("norm", ["repair", "rescale", "reset", "regression"])
 def test_normalization_of_a_two_input_model(norm):
     """normalize= fed each batch's second input as a target (StopIteration / missing argument).
     Oracle: merging a model with a permuted copy of itself, then normalizing, gives the model back."""

@@ -30,7 +30,7 @@ from .._progress import progress
 from .._stats import run_graph
 from ..frontend import TracedGraph
 from ..rules.base import packet_name as _packet
-from .staged import StagedRun, StagedTooLarge
+from .staged import StagedRun, try_one_pass
 
 __all__ = ["Layer", "find_layers", "channel_moments", "repair_state"]
 
@@ -153,10 +153,6 @@ def _read_before(tg: TracedGraph, layers: list[Layer]) -> str | None:
     return None
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
-
-
 def _moments_of(values: list[torch.Tensor], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     m = _Moments(dim)
     for t in values:
@@ -199,15 +195,9 @@ def repair_state(tg: TracedGraph, state: dict[str, torch.Tensor], layers: list[L
     check_samples(sum(x[0].shape[0] for x in batches), "normalization statistics")
     layers = _in_graph_order(tg, layers)
     why = "max_bytes=0" if max_bytes is not None and max_bytes <= 0 else _read_before(tg, layers)
-    if why is None:
-        try:
-            return _repair_staged(tg, dict(state), layers, batches, goal, mode, eps, max_bytes)
-        except StagedTooLarge as e:
-            why = str(e)
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            if not _out_of_memory(e):
-                raise
-            why = f"out of memory ({str(e).splitlines()[0]})"
+    done, why = try_one_pass(lambda: _repair_staged(tg, dict(state), layers, batches, goal, mode, eps, max_bytes), why)
+    if done is not None:
+        return done
     log.info("REPAIR in one pass: %s; measuring each layer with a pass of its own over data", why)
     state = dict(state)
     for layer in progress(layers, desc="REPAIR layers, a pass each"):

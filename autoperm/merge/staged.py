@@ -12,17 +12,41 @@ order than separate passes would.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 
 from ..frontend import TracedGraph
 
-__all__ = ["StagedRun", "StagedTooLarge"]
+__all__ = ["StagedRun", "StagedTooLarge", "try_one_pass", "out_of_memory"]
 
 
 class StagedTooLarge(RuntimeError):
     """The values live at some node, over all batches, exceed the run's ``max_bytes``."""
+
+
+T = TypeVar("T")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch running out of (device or host) memory."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def try_one_pass(attempt: Callable[[], T], why: str | None) -> tuple[T | None, str | None]:
+    """``(attempt(), None)``, or ``(None, reason)`` when ``why`` already gives a reason not to try,
+    or the attempt gave up (`StagedTooLarge`) or ran out of memory: the caller then falls back
+    to a pass per layer. Other errors propagate."""
+    if why is not None:
+        return None, why
+    try:
+        return attempt(), None
+    except StagedTooLarge as e:
+        return None, str(e)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        return None, f"out of memory ({str(e).splitlines()[0]})"
 
 
 def _nbytes(value) -> int:

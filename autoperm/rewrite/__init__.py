@@ -26,7 +26,7 @@ __all__ = ["rewrite_merge", "pfm_merge", "emit", "graph_from_traced", "check_mod
            "original_state_dict", "insert_perm_layers", "EmitError"]
 
 log = logging.getLogger(__name__)
-PFM_NORMALIZATIONS = (None, "reset", "repair", "rescale")
+PFM_NORMALIZATIONS = (None, "reset", "repair", "rescale", "regression")
 
 
 def _example_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None) -> tuple[torch.Tensor, ...]:
@@ -43,12 +43,13 @@ def _example_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None
 
 
 def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5, preserve_first: int = 1,
-              normalize: str | None = None, data: Iterable | None = None, example_inputs: Any = None) -> nn.Module:
+              normalize: str | None = None, data: Iterable | None = None, example_inputs: Any = None,
+              ridge: float | None = None) -> nn.Module:
     """Preserve-First Merging (the Vanishing Feature paper, section 4.4; `autoperm.rewrite.pfm`):
     a new module that runs the first ``preserve_first`` counted layers of model_a and of aligned
     model_b side by side on the same input, merges their outputs with weight ``alpha`` on model_b,
-    and runs the interpolated rest. ``normalize`` (None, "reset", "repair", "rescale"; all but None
-    need ``data``) acts on the merged part only. Neither model is modified. Example::
+    and runs the interpolated rest. ``normalize`` (None, "reset", "repair", "rescale", "regression";
+    all but None need ``data``) acts on the merged part only. Neither model is modified. Example::
 
         al = autoperm.match(model_a, model_b)
         pfm = pfm_merge(model_a, model_b, al, preserve_first=8, normalize="repair", data=loader)
@@ -75,7 +76,7 @@ def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float
     b_constants = capture(model_b, inputs).constants if tg.constants else None  # model_b's own
     grouped = {ax.tensor for g in alignment.spec.groups for ax in g.axes if ax.dim == 0}
     module = pfm_module(model_a, tg, states, preserve_first, alpha, inputs, outputs, normalize, data, b_constants,
-                        grouped)
+                        grouped, ridge=ridge)
     if normalize is None and has_batchnorm(model_a):
         log.info("BatchNorm statistics of the merged part were interpolated; normalize='reset' with data is "
                  "usually far better")
@@ -84,7 +85,7 @@ def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float
 
 def rewrite_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5, preserve_first: int = 0,
                   partial: Any = 0.0, normalize: str | None = None, data: Iterable | None = None,
-                  example_inputs: Any = None) -> nn.Module:
+                  example_inputs: Any = None, ridge: float | None = None) -> nn.Module:
     """The architecture-changing merges behind `autoperm.merge`: PFM when ``preserve_first > 0``,
     partial merging (`autoperm.rewrite.partial.partial_merge`) when ``partial`` is given."""
     if preserve_first and partial:
@@ -96,4 +97,4 @@ def rewrite_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
         return partial_merge(model_a, model_b, alignment, alpha=alpha, normalize=normalize, data=data,
                              example_inputs=example_inputs, **options)
     return pfm_merge(model_a, model_b, alignment, alpha=alpha, preserve_first=preserve_first, normalize=normalize,
-                     data=data, example_inputs=example_inputs)
+                     data=data, example_inputs=example_inputs, ridge=ridge)

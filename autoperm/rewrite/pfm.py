@@ -272,7 +272,7 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
                preserve_first: int, alpha: float, inputs: tuple[torch.Tensor, ...], outputs: Any,
                normalize: str | None = None, data: Iterable | None = None,
                b_constants: Mapping[str, torch.Tensor] | None = None,
-               grouped: set[str] | None = None, fold: bool = True) -> torch.fx.GraphModule:
+               grouped: set[str] | None = None, fold: bool = True, ridge: float | None = None) -> torch.fx.GraphModule:
     """Emit the PFM module for already aligned and interpolated ``states`` (see `pfm_merge` in
     `autoperm.rewrite`), checked against `reference_pfm` on ``inputs``, then normalized
     (``grouped``: the weight keys whose output dim is grouped, for REPAIR / RESCALE). With
@@ -310,6 +310,10 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
     if normalize == "reset":
         reset_graph_batchnorm(module, [n for n in names if n in {m.name for m in module.graph.nodes}],
                               data, len(inputs))
+    elif normalize == "regression":
+        from .pfm_normalize import regress_merged
+
+        regress_merged(module, tg, states, data, alpha, len(inputs), ridge=ridge)
     elif normalize in ("repair", "rescale"):
         from .pfm_normalize import repair_merged
 

@@ -2,7 +2,9 @@
 4.4 and Figure 4 right: "Normalization is applied to the merged layers"; Table 1's REPAIR /
 RESCALE columns; DESIGN.md section 4).
 
-Only the merged part of the emitted PFM module is touched. For every merged conv / linear layer
+Only the merged part of the emitted PFM module is touched (also by ``normalize="regression"``,
+`regress_merged`: each merged conv / linear layer refit so that its output on the PFM module's own
+inputs matches the interpolation of the endpoints' outputs there, `autoperm.merge.regression`). For every merged conv / linear layer
 whose output channels form a group (never the model's output layer), the goal per-channel
 statistics of its pre-activation output are ``(1 - alpha) * (E_A, Std_A) + alpha * (E_B, Std_B)``,
 measured at that layer in the endpoints (model_a and aligned model_b, run whole on ``data``);
@@ -26,9 +28,10 @@ from typing import Iterable, Mapping
 import torch
 
 from ..frontend import TracedGraph
+from ..merge.regression import DEFAULT_RIDGE, find_fit_layers, regression_state
 from ..merge.repair import channel_moments, find_layers, repair_state
 
-__all__ = ["pfm_traced", "repair_merged"]
+__all__ = ["pfm_traced", "repair_merged", "regress_merged"]
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +110,36 @@ def repair_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mapping
     module.load_state_dict(state)
     log.info("PFM %s: %d merged conv / linear layers, %d merged BatchNorm layers", mode, len(dense),
              len(layers) - len(dense))
+
+
+@torch.no_grad()
+def regress_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tensor]],
+                   data: Iterable, alpha: float, n_inputs: int = 1, ridge: float | None = None) -> None:
+    """``normalize="regression"`` on the merged part of an emitted PFM ``module`` (in place): each
+    merged conv / linear layer, in graph order, refit by ridge regression so that its output on the
+    module's own inputs (the merge nodes' values, then the refit layers before it) matches
+    ``(1 - alpha) Z_A + alpha Z_B``, the endpoints' outputs at that layer in model_a's graph ``tg``
+    (`autoperm.merge.regression`). The preserved copies are never changed."""
+    data = list(data)
+    if not data:
+        raise ValueError("normalize='regression' got no batches in data")
+    original = getattr(module, "autoperm_keys", {})  # module key -> "<context>.<key>"
+    tg_p = pfm_traced(module)
+    merged_keys = {k for k, orig in original.items() if orig.startswith("merged.")}
+    layers = find_fit_layers(tg_p, merged_keys)
+    nodes = {n.name: n for n in tg.graph.nodes}
+    for lay in layers:  # the merged copy of a node keeps the node's name (`build_pfm`)
+        own = nodes.get(lay.node)
+        weight = tg.state_keys.get(getattr(own.args[1], "name", None)) if own is not None and len(own.args) > 1 else None
+        if lay.target not in nodes or original.get(lay.weight) != f"merged.{weight}":
+            raise AssertionError(f"PFM regression: merged layer {lay.node} ({original.get(lay.weight)}) has no "
+                                 "matching layer in model_a's graph")
+    if not layers:
+        log.info("normalize='regression': the merged part has no layer to refit (everything is preserved)")
+        return
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+    state = regression_state(tg_p, state, layers, data, [(tg, states["model_a"]), (tg, states["model_b"])],
+                             [1 - alpha, alpha], ridge=DEFAULT_RIDGE if ridge is None else ridge, n_inputs=n_inputs)
+    module.load_state_dict(state)
+    log.info("PFM regression: %d merged conv / linear layers refit", len(layers))
+
