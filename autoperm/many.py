@@ -78,7 +78,7 @@ def merge_many(models: Sequence[nn.Module], *, method: str = "weight", spec: Per
     aligned = [permute_state_dict(s, spec, p) for s, p in zip(states, perms)]
     weights = [1.0 / len(models)] * len(models)
     return combine(first, aligned, weights, al, normalize=normalize, data=data, example_inputs=example_inputs,
-                   bias_layers=bias_layers, ridge=ridge)
+                   bias_layers=bias_layers, ridge=ridge, models=models)
 
 
 def _iterate(first, models, states, spec, perms, opts, max_rounds, compiled=None):

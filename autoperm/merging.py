@@ -7,15 +7,16 @@ is returned. `autoperm.merge_many` (``autoperm/many.py``) merges more than two m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ._copy import copy_with_state
-from ._data import first_inputs, float_dtype
+from ._data import first_inputs, float_dtype, stat_inputs
 from .analysis import analyze_with_sites
 from .errors import ExampleInputError, ShapeMismatchError
 from .frontend import capture, normalize_inputs
@@ -24,6 +25,7 @@ from .merge import (average_states, calibrate_biases, check_compatible, count_la
                     reset_batchnorm)
 from .merge.interpolate import as_alpha
 from .merge.normalize import has_batchnorm
+from .merge.regression import check_ridge
 from .merge.repair import channel_moments, find_layers, repair_state
 from .permute import permute_state_dict
 from .spec import PermutationSpec
@@ -276,7 +278,8 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
                              normalize=normalize, data=data, example_inputs=example_inputs, ridge=ridge)
     aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
     return combine(model_a, [model_a.state_dict(), aligned_b], [1 - alpha, alpha], al, normalize=normalize,
-                   data=data, example_inputs=example_inputs, bias_layers=bias_layers, ridge=ridge)
+                   data=data, example_inputs=example_inputs, bias_layers=bias_layers, ridge=ridge,
+                   models=[model_a, model_b])
 
 
 def _check_partial(partial: Any) -> None:
@@ -307,18 +310,30 @@ def check_normalize(normalize: str | None, data: Any, bias_layers: int | None, r
     if bias_layers is not None and normalize != "bias_removal":
         raise ValueError(f"bias_layers= is used only by normalize='bias_removal' (got normalize={normalize!r}): "
                          "drop it or pass normalize='bias_removal'")
-    if ridge is not None and normalize != "regression":
-        raise ValueError(f"ridge= is used only by normalize='regression' (got normalize={normalize!r}): "
-                         "drop it or pass normalize='regression'")
-    if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0):
-        raise ValueError(f"ridge={ridge!r}: pass a number > 0 (the pull toward the interpolated weights, "
-                         "relative to the layer's input scale; default 1e-2)")
+    check_ridge(ridge, normalize)
+
+
+def _endpoint_graphs(traced, models: Sequence[nn.Module] | None, data: list, n_inputs: int) -> list:
+    """model_a's traced graph once per endpoint, each with that model's own keyless constants
+    (non-persistent buffers: model_b's may differ from model_a's), for the goal statistics."""
+    if not traced.constants or not models:
+        return [traced] * max(1, len(models or ()))
+    inputs = stat_inputs(data[0], n_inputs, "normalization statistics")
+    out = [traced]
+    for model in models[1:]:
+        own = capture(model, inputs).constants
+        same = {k: v for k, v in own.items() if k in traced.constants and v.shape == traced.constants[k].shape}
+        out.append(dataclasses.replace(traced, constants={**traced.constants, **same}))
+    return out
 
 
 def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignment, *, normalize: str | None,
-            data: Any, example_inputs: Any, bias_layers: int | None = None, ridge: float | None = None) -> nn.Module:
+            data: Any, example_inputs: Any, bias_layers: int | None = None, ridge: float | None = None,
+            models: Sequence[nn.Module] | None = None) -> nn.Module:
     """A new module of model_a's class holding ``sum_i weights[i] * states[i]`` (the states
-    already aligned to one frame), then normalized; shared by `merge` and `merge_many`."""
+    already aligned to one frame), then normalized; shared by `merge` and `merge_many`.
+    ``models`` (the endpoints, in the order of ``states``) give the goal statistics their own
+    keyless constants."""
     state = average_states(states, weights)
     traced = al.traced
     # inputs per batch: from example_inputs, else from the graph the alignment traced
@@ -331,7 +346,8 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
         layers = find_layers(traced, grouped)
         dense = [layer for layer in layers if layer.kind == "dense"]
         # the endpoints' statistics (no pass at all where every merged layer feeds a BatchNorm)
-        moments = [channel_moments(traced, s, data, dense, n_inputs) for s in states] if dense else []
+        graphs = _endpoint_graphs(traced, models, data, n_inputs) if dense else []
+        moments = [channel_moments(g, s, data, dense, n_inputs) for g, s in zip(graphs, states)] if dense else []
         goal = {n: (sum(w * m[n][0] for w, m in zip(weights, moments)),
                     sum(w * m[n][1] for w, m in zip(weights, moments))) for n in (moments[0] if moments else {})}
         state = repair_state(traced, state, layers, data, goal, mode=normalize, n_inputs=n_inputs)
@@ -342,7 +358,8 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
         data = list(data)
         traced = traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
         layers = find_fit_layers(traced)
-        state = regression_state(traced, state, layers, data, [(traced, s) for s in states], weights,
+        graphs = _endpoint_graphs(traced, models, data, n_inputs)
+        state = regression_state(traced, state, layers, data, list(zip(graphs, states)), weights,
                                  ridge=DEFAULT_RIDGE if ridge is None else ridge, n_inputs=n_inputs)
         log.info("regression: %d conv / linear layers refit", len(layers))
         fitted_through = {lay.bn[2] for lay in layers if lay.bn is not None}

@@ -11,6 +11,7 @@ negative controls (the plain merge is far from the ensemble; a wrong weight brea
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,14 +208,20 @@ def test_regression_needs_data_and_a_positive_ridge():
     with pytest.raises(ValueError, match="normalize='regression' measures activations and needs data="):
         autoperm.merge(a, b, normalize="regression")
     tg = capture(a, torch.randn(2, 5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="ridge must be > 0"):
+    with pytest.raises(ValueError, match="ridge=0.0: pass a finite number > 0"):
         regression_state(tg, a.state_dict(), find_fit_layers(tg), [torch.randn(4, 5, dtype=torch.float64)],
                          [(tg, a.state_dict())], [1.0], ridge=0.0)
-    for bad in (0, -1.0, True, "1e-2"):
-        with pytest.raises(ValueError, match=f"ridge={bad!r}: pass a number > 0"):
+    for bad in (0, -1.0, True, "1e-2", float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"ridge={bad!r}: pass a finite number > 0"):
             autoperm.merge(a, b, normalize="regression", data=[torch.randn(8, 5, dtype=torch.float64)], ridge=bad)
     with pytest.raises(ValueError, match="ridge= is used only by normalize='regression'"):
         autoperm.merge(a, b, normalize="repair", data=[torch.randn(8, 5, dtype=torch.float64)], ridge=1.0)
+    al = autoperm.match(a, b)
+    with pytest.raises(ValueError, match="ridge=-5: pass a finite number > 0"):
+        pfm_merge(a, b, al, preserve_first=1, normalize="regression", data=[torch.randn(8, 5, dtype=torch.float64)],
+                  example_inputs=torch.randn(2, 5, dtype=torch.float64), ridge=-5)
+    assert autoperm.merge(a, b, normalize="regression", data=[torch.randn(8, 5, dtype=torch.float64)],
+                          ridge=np.float32(0.5)) is not None, "a numpy number is a number"
     with pytest.raises(ValueError, match="normalize='regression' is not available"):
         autoperm.merge(a, b, partial=0.5, normalize="regression", data=[torch.randn(8, 5, dtype=torch.float64)])
 
@@ -274,3 +281,98 @@ def test_merge_many_refits_to_the_mean_of_the_aligned_models():
         mean = sum(m(x) for m in models) / 3
         assert output_error(mean, merged(x)) < 1e-5
         assert output_error(mean, plain(x)) > 1e-2
+
+
+class Shifted(nn.Module):
+    """A linear network with a non-persistent buffer (a keyless constant) that differs per model."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(5, 8), nn.Linear(8, 3)
+        self.register_buffer("shift", torch.randn(8), persistent=False)
+
+    def forward(self, x):
+        return self.l2(self.l1(x) + self.shift)
+
+
+def test_each_endpoint_runs_with_its_own_keyless_constants():
+    """The goal of model_b is model_b with its own non-persistent buffer (it was model_a's): an
+    exact refit of a linear network gives the true ensemble, in merge and in PFM."""
+    def make(seed):
+        torch.manual_seed(seed)
+        return Shifted().double().eval()
+    a, b = make(1), make(2)
+    assert not torch.equal(a.shift, b.shift)
+    data = [torch.randn(64, 5, dtype=torch.float64) for _ in range(2)]
+    al = autoperm.match(a, b, example_inputs=data[0], method="weight")
+    b_al = autoperm.permute(b, al.spec, al.perms)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    with torch.no_grad():
+        ens = 0.5 * a(x) + 0.5 * b_al(x)
+        merged = autoperm.merge(a, b, alignment=al, normalize="regression", data=data, ridge=1e-12)
+        assert output_error(ens, merged(x)) < 1e-6
+        pfm = pfm_merge(a, b, al, preserve_first=1, normalize="regression", data=data, example_inputs=(data[0][:4],),
+                        ridge=1e-12)
+        assert output_error(ens, pfm(x)) < 1e-6
+        wrong = make(2)
+        wrong.shift.copy_(a.shift)  # negative control: the ensemble model_a's constant would give
+        assert output_error(0.5 * a(x) + 0.5 * autoperm.permute(wrong, al.spec, al.perms)(x), merged(x)) > 1e-2
+
+
+class SharedBN(nn.Module):
+    """One BatchNorm module after two convs without bias: no conv may be fit through it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn, self.fc = nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.c2(torch.tanh(self.bn(self.c1(x))))).mean((2, 3)))
+
+
+def test_a_batchnorm_used_twice_is_not_fit_through():
+    torch.manual_seed(0)
+    a = SharedBN().double().eval()
+    layers = find_fit_layers(capture(a, torch.randn(2, 3, 6, 6, dtype=torch.float64)))
+    assert [lay.weight for lay in layers] == ["c1.weight", "c2.weight", "fc.weight"]
+    assert all(lay.bn is None for lay in layers), "its running mean would be moved by both fits"
+
+
+class ListStride(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(F.conv2d(x, self.w, None, [2], [1], [1])).mean((2, 3)))
+
+
+def test_conv_with_one_item_stride_lists_is_refit():
+    """F.conv2d(x, w, None, [2], [1], [1]) (one item for both spatial dims) crashed the unfold."""
+    torch.manual_seed(0)
+    a, b = ListStride().double().eval(), ListStride().double().eval()
+    tg = capture(a, torch.randn(2, 3, 7, 7, dtype=torch.float64))
+    layers = find_fit_layers(tg)
+    assert layers[0].conv == ((2, 2), (1, 1), (1, 1), 1)
+    data = [torch.randn(16, 3, 7, 7, dtype=torch.float64)]
+    state = regression_state(tg, a.state_dict(), layers, data, [(tg, a.state_dict()), (tg, b.state_dict())],
+                             [0.5, 0.5])
+    assert not torch.equal(state["w"], a.state_dict()["w"]) and torch.isfinite(state["w"]).all()
+
+
+def test_a_tiny_batchnorm_scale_does_not_blow_up_the_weights():
+    """A merged BatchNorm whose scale of one channel is ~1e-6: its conv weights stay near the merged
+    ones (the ridge is measured against the BatchNorm's output), the other channels are refit."""
+    a, b = linear_cnn(1, bn=True), linear_cnn(2, bn=True)
+    with torch.no_grad():  # channel 0's scales nearly cancel in the average: the merged one is 1e-6
+        a[1].weight[0], b[1].weight[0] = 1.0, -1.0 + 2e-6
+    data = [torch.randn(64, 1, 9, 9, dtype=torch.float64)]
+    al = autoperm.match(a, b, example_inputs=data[0], method="identity")
+    plain = autoperm.merge(a, b, alignment=al)
+    merged = autoperm.merge(a, b, alignment=al, normalize="regression", data=data)
+    w, w0 = merged[0].weight.detach(), plain[0].weight.detach()
+    assert abs(float(plain[1].weight[0].detach())) < 2e-6
+    assert float((w[0] - w0[0]).abs().max()) < 1e-3 * float(w0.abs().max()), "channel 0 keeps its weights"
+    assert float((w[1:] - w0[1:]).abs().max()) > 1e-3 * float(w0.abs().max()), "the other channels are refit"

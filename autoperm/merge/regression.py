@@ -21,10 +21,15 @@ inputs instead of the merged model's.
 
 A layer that feeds a BatchNorm (eval) is fit through it: the goal is the interpolation of the
 endpoints' BatchNorm outputs, and the merged BatchNorm's affine map ``s z + c`` (its interpolated
-statistics) is inverted into a goal for the layer; a layer without a bias gets the fitted
-intercept in the BatchNorm's running mean. A conv / linear layer without a bias that feeds no
+statistics) is inverted into a goal for the layer; residuals count in the BatchNorm's output (so
+output channel o's ridge is ``ridge / s_o^2``, relative to the mean ``s^2``: a channel the
+BatchNorm nearly zeroes keeps its merged weights instead of growing without bound); a layer
+without a bias gets the fitted intercept in the BatchNorm's running mean. A BatchNorm whose
+tensors another node also reads (a module called twice) is not fit through. A conv / linear layer without a bias that feeds no
 BatchNorm is fit without an intercept. Tied weights (one tensor read by two layers), transposed
-and 3-D convolutions and ``padding="same"`` with an even kernel are left as merged, and logged.
+and 3-D convolutions, convolutions of an unbatched input and ``padding="same"`` with an even
+kernel are left as merged, and logged. Each endpoint runs with its own keyless constants
+(non-persistent buffers), which the caller passes in its graph.
 No module is added and the architecture is unchanged.
 
 Example::
@@ -35,6 +40,8 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -49,7 +56,7 @@ from ..rules.base import packet_name as _packet
 from .repair import _STAGED_BYTES
 from .staged import StagedRun, try_one_pass
 
-__all__ = ["FitLayer", "find_fit_layers", "regression_state", "DEFAULT_RIDGE"]
+__all__ = ["FitLayer", "find_fit_layers", "regression_state", "check_ridge", "DEFAULT_RIDGE"]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +82,22 @@ class FitLayer:
 
 
 def _pair(v, n: int) -> tuple[int, ...]:
-    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),) * n
+    """An int or a sequence (one item means every spatial dim) as ``n`` ints."""
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v) * (n if len(v) == 1 else 1)
+    return (int(v),) * n
+
+
+def check_ridge(ridge, normalize) -> None:
+    """Raise naming ``ridge=`` unless it is None or a finite number > 0 given with regression."""
+    if ridge is None:
+        return
+    if normalize != "regression":
+        raise ValueError(f"ridge= is used only by normalize='regression' (got normalize={normalize!r}): "
+                         "drop it or pass normalize='regression'")
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not 0 < float(ridge) < math.inf:
+        raise ValueError(f"ridge={ridge!r}: pass a finite number > 0 (the pull toward the interpolated weights, "
+                         "relative to the layer's input scale; default 1e-2)")
 
 
 def _conv_geometry(node: torch.fx.Node, weight_shape: Sequence[int]) -> tuple | str:
@@ -99,9 +121,10 @@ def _conv_geometry(node: torch.fx.Node, weight_shape: Sequence[int]) -> tuple | 
     return stride, padding, dilation, int(got["groups"])
 
 
-def _bn_after(node: torch.fx.Node, key: Mapping[str, str]) -> tuple[str, tuple] | None:
+def _bn_after(node: torch.fx.Node, key: Mapping[str, str], readers: Mapping[str, int]) -> tuple[str, tuple] | None:
     """(target node, bn keys and eps) when ``node``'s only user is an eval BatchNorm with running
-    statistics over dim 1; else None."""
+    statistics over dim 1 whose tensors no other node reads (a BatchNorm module called twice
+    would have its running mean moved by both fits); else None."""
     users = list(node.users)
     if len(users) != 1 or users[0].args[0] is not node:
         return None
@@ -117,6 +140,8 @@ def _bn_after(node: torch.fx.Node, key: Mapping[str, str]) -> tuple[str, tuple] 
     keys = [key.get(getattr(a, "name", None)) if a is not None else None for a in bn.args[1:5]]
     if keys[2] is None or keys[3] is None or any(k is None and a is not None for k, a in zip(keys, bn.args[1:5])):
         return None  # no running statistics, or a weight / bias that is not a state tensor
+    if any(readers.get(k, 0) > 1 for k in keys if k is not None):
+        return None
     eps = float(bn.args[6] if name == _BN_NT else bn.args[7]) if len(bn.args) > (6 if name == _BN_NT else 7) \
         else 1e-5
     if name == _BN:
@@ -153,6 +178,10 @@ def find_fit_layers(tg: TracedGraph, eligible: set[str] | None = None) -> list[F
         elif name in ("conv3d", "convolution"):
             why = f"aten.{name} (3-D or transposed convolution) is not refit"
         conv = None
+        x_val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        if why is None and name != "linear" and not (isinstance(x_val, torch.Tensor)
+                                                     and x_val.dim() == node.args[1].meta["val"].dim()):
+            why = "its input has no batch dim"
         if why is None and name != "linear":
             shape = node.args[1].meta["val"].shape
             geo = _conv_geometry(node, shape)
@@ -160,7 +189,7 @@ def find_fit_layers(tg: TracedGraph, eligible: set[str] | None = None) -> list[F
         if why:
             log.info("regression: %s (%s) left as merged: %s", node.name, w, why)
             continue
-        target, bn = _bn_after(node, key) or (node.name, None)
+        target, bn = _bn_after(node, key, readers) or (node.name, None)
         out.append(FitLayer(node.name, node.args[0].name, target, w, b, conv, bn))
     return out
 
@@ -226,13 +255,19 @@ def _solve(layer: FitLayer, acc: dict, state: dict, ridge: float) -> dict[str, t
         b0 = state[layer.bias].double() if layer.bias is not None else w.new_zeros(out_ch, dtype=torch.float64)
         w0 = torch.cat([w0, b0.reshape(groups, 1, -1)], 1)
     xx, xt = acc["xx"], acc["xt"]
-    eye = torch.eye(xx.shape[-1], dtype=xx.dtype, device=xx.device)
-    reg = ridge * xx.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-    sol = torch.linalg.solve(xx + reg[:, None, None] * eye, xt + reg[:, None, None] * w0)
-    if layer.bn is not None:  # channels the BatchNorm multiplies by ~0: keep the merged weights
+    reg = ridge * xx.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (g,)
+    if layer.bn is None:
+        eye = torch.eye(xx.shape[-1], dtype=xx.dtype, device=xx.device)
+        sol = torch.linalg.solve(xx + reg[:, None, None] * eye, xt + reg[:, None, None] * w0)
+    else:  # residuals in the BatchNorm's output: output o weighs s_o^2, so its ridge is reg / s_o^2
         s, _ = _bn_affine(layer, state)
-        dead = (s.abs() <= 1e-12 * s.abs().max().clamp_min(1e-300)).reshape(groups, 1, -1)
-        sol = torch.where(dead, w0, sol)
+        s2 = (s * s).reshape(groups, -1)
+        live = s2 > 1e-24 * s2.max().clamp_min(1e-300)
+        r = torch.where(live, reg[:, None] * s2.mean() / s2.clamp_min(1e-300), torch.ones_like(s2)).clamp_max(1e200)
+        lam, q = torch.linalg.eigh(xx)  # one factorization serves every output's own ridge
+        rhs = q.transpose(1, 2) @ (xt + r[:, None, :] * w0)
+        sol = q @ (rhs / (lam.clamp_min(0)[:, :, None] + r[:, None, :]))
+        sol = torch.where(live[:, None, :], sol, w0)  # a channel the BatchNorm zeroes keeps its weights
     new_w = sol[:, :w0.shape[1] - intercept].transpose(1, 2).reshape(w.shape)
     got = {layer.weight: new_w.to(w.dtype)}
     if intercept:
@@ -293,8 +328,7 @@ def regression_state(tg: TracedGraph, state: Mapping[str, torch.Tensor], layers:
     together (as REPAIR, `autoperm.merge.staged`). Where the values held would pass ``max_bytes``
     (None: no limit; 0: never try), memory runs out, or the goal nodes are out of order, each
     layer is measured with passes of its own over ``data``: the same result, more time."""
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
-        raise ValueError(f"ridge must be > 0 (it pulls each refit layer toward its merged weights), got {ridge!r}")
+    check_ridge(ridge, "regression")
     data = list(data)
     batches = [stat_inputs(b, n_inputs, "regression normalization") for b in data]
     check_samples(sum(x[0].shape[0] for x in batches), "regression normalization")

@@ -18,6 +18,7 @@ from .._data import first_inputs
 from ..frontend import capture, normalize_inputs
 from ..merge import interpolate_state
 from ..merge.normalize import has_batchnorm
+from ..merge.regression import check_ridge
 from ..permute import permute_state_dict
 from .emit import EmitError, check_module, emit, flop_count, graph_from_traced, original_state_dict, param_count
 from .perm_layers import insert_perm_layers
@@ -64,6 +65,7 @@ def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float
                          f"{list(PFM_NORMALIZATIONS)}")
     if normalize is not None and data is None:
         raise ValueError(f"normalize={normalize!r} needs data=: an iterable of input batches")
+    check_ridge(ridge, normalize)
     if data is not None and iter(data) is data:
         data = list(data)
     inputs = _example_inputs(model_a, example_inputs, data)

@@ -313,11 +313,12 @@ def pfm_module(model_a: nn.Module, tg: TracedGraph, states: Mapping[str, Mapping
     elif normalize == "regression":
         from .pfm_normalize import regress_merged
 
-        regress_merged(module, tg, states, data, alpha, len(inputs), ridge=ridge)
+        regress_merged(module, tg, states, data, alpha, len(inputs), ridge=ridge, b_constants=b_constants)
     elif normalize in ("repair", "rescale"):
         from .pfm_normalize import repair_merged
 
-        repair_merged(module, tg, states, set(grouped or ()), data, alpha, normalize, len(inputs))
+        repair_merged(module, tg, states, set(grouped or ()), data, alpha, normalize, len(inputs),
+                      b_constants=b_constants)
     module.autoperm_pfm = {"preserve_first": int(preserve_first), "counted_layers": len(layers),
                            "layers": [n.name for n in layers], "alpha": float(alpha),
                            "folded": {k: list(v) for k, v in plan.items()}}

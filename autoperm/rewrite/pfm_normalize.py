@@ -22,6 +22,7 @@ placeholders, `pfm_traced`), so the statistics measured are those of the module 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Iterable, Mapping
 
@@ -31,7 +32,7 @@ from ..frontend import TracedGraph
 from ..merge.regression import DEFAULT_RIDGE, find_fit_layers, regression_state
 from ..merge.repair import channel_moments, find_layers, repair_state
 
-__all__ = ["pfm_traced", "repair_merged", "regress_merged"]
+__all__ = ["pfm_traced", "repair_merged", "regress_merged", "with_constants"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,14 @@ def pfm_traced(module: torch.fx.GraphModule) -> TracedGraph:
 
 
 @torch.no_grad()
+def with_constants(tg: TracedGraph, constants: Mapping[str, torch.Tensor] | None) -> TracedGraph:
+    """``tg`` with some keyless constants replaced (model_b's own, for its goal statistics)."""
+    return dataclasses.replace(tg, constants={**tg.constants, **constants}) if constants else tg
+
+
 def repair_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tensor]],
-                  grouped: set[str], data: Iterable, alpha: float, mode: str, n_inputs: int = 1) -> None:
+                  grouped: set[str], data: Iterable, alpha: float, mode: str, n_inputs: int = 1,
+                  b_constants: Mapping[str, torch.Tensor] | None = None) -> None:
     """REPAIR / RESCALE of the merged part of an emitted PFM ``module`` (in place; see the module
     docstring). ``tg`` is model_a's traced graph, ``states`` holds ``model_a`` / ``model_b``
     (aligned) state dicts, ``grouped`` the state_dict keys of weights whose output dim is grouped."""
@@ -99,7 +106,7 @@ def repair_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mapping
     if dense:
         wanted = [sites[lay.node] for lay in dense]
         ma = channel_moments(tg, states["model_a"], data, wanted, n_inputs)
-        mb = channel_moments(tg, states["model_b"], data, wanted, n_inputs)
+        mb = channel_moments(with_constants(tg, b_constants), states["model_b"], data, wanted, n_inputs)
         goal = {n: ((1 - alpha) * ma[n][0] + alpha * mb[n][0], (1 - alpha) * ma[n][1] + alpha * mb[n][1])
                 for n in ma}
     if not layers:
@@ -114,7 +121,8 @@ def repair_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mapping
 
 @torch.no_grad()
 def regress_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mapping[str, Mapping[str, torch.Tensor]],
-                   data: Iterable, alpha: float, n_inputs: int = 1, ridge: float | None = None) -> None:
+                   data: Iterable, alpha: float, n_inputs: int = 1, ridge: float | None = None,
+                   b_constants: Mapping[str, torch.Tensor] | None = None) -> None:
     """``normalize="regression"`` on the merged part of an emitted PFM ``module`` (in place): each
     merged conv / linear layer, in graph order, refit by ridge regression so that its output on the
     module's own inputs (the merge nodes' values, then the refit layers before it) matches
@@ -138,7 +146,8 @@ def regress_merged(module: torch.fx.GraphModule, tg: TracedGraph, states: Mappin
         log.info("normalize='regression': the merged part has no layer to refit (everything is preserved)")
         return
     state = {k: v.detach() for k, v in module.state_dict().items()}
-    state = regression_state(tg_p, state, layers, data, [(tg, states["model_a"]), (tg, states["model_b"])],
+    endpoints = [(tg, states["model_a"]), (with_constants(tg, b_constants), states["model_b"])]
+    state = regression_state(tg_p, state, layers, data, endpoints,
                              [1 - alpha, alpha], ridge=DEFAULT_RIDGE if ridge is None else ridge, n_inputs=n_inputs)
     module.load_state_dict(state)
     log.info("PFM regression: %d merged conv / linear layers refit", len(layers))
