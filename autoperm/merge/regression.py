@@ -22,8 +22,10 @@ inputs instead of the merged model's.
 A layer that feeds a BatchNorm (eval) is fit through it: the goal is the interpolation of the
 endpoints' BatchNorm outputs, and the merged BatchNorm's affine map ``s z + c`` (its interpolated
 statistics) is inverted into a goal for the layer; residuals count in the BatchNorm's output (so
-output channel o's ridge is ``ridge / s_o^2``, relative to the mean ``s^2``: a channel the
-BatchNorm nearly zeroes keeps its merged weights instead of growing without bound); a layer
+output channel o's ridge is ``ridge * mean(s^2) / s_o^2``, rounded down to a power of 4 so that a
+few factorizations serve all channels; a channel whose ridge would pass ``4^10`` times the
+layer's, one the BatchNorm nearly zeroes, keeps its merged weights instead of growing without
+bound); a layer
 without a bias gets the fitted intercept in the BatchNorm's running mean. A BatchNorm whose
 tensors another node also reads (a module called twice) is not fit through. A conv / linear layer without a bias that feeds no
 BatchNorm is fit without an intercept. Tied weights (one tensor read by two layers), transposed
@@ -64,6 +66,7 @@ DEFAULT_RIDGE = 1e-2
 _BN_NT = "_native_batch_norm_legit_no_training"   # (input, weight, bias, mean, var, momentum, eps)
 _BN = "batch_norm"                                # (input, weight, bias, mean, var, training, momentum, eps, cudnn)
 _ROWS = 1 << 22  # rows x columns of an unfolded chunk held at once
+_MAX_POWER = 10  # through a BatchNorm: a channel whose ridge would be 4^10 x the layer's keeps its weights
 
 
 @dataclass(frozen=True)
@@ -256,18 +259,22 @@ def _solve(layer: FitLayer, acc: dict, state: dict, ridge: float) -> dict[str, t
         w0 = torch.cat([w0, b0.reshape(groups, 1, -1)], 1)
     xx, xt = acc["xx"], acc["xt"]
     reg = ridge * xx.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)  # (g,)
-    if layer.bn is None:
-        eye = torch.eye(xx.shape[-1], dtype=xx.dtype, device=xx.device)
-        sol = torch.linalg.solve(xx + reg[:, None, None] * eye, xt + reg[:, None, None] * w0)
-    else:  # residuals in the BatchNorm's output: output o weighs s_o^2, so its ridge is reg / s_o^2
-        s, _ = _bn_affine(layer, state)
+    power = torch.zeros(w0.shape[0], w0.shape[2], dtype=torch.long, device=w0.device)
+    live = torch.ones_like(power, dtype=torch.bool)
+    if layer.bn is not None:  # residuals in the BatchNorm's output: output o weighs s_o^2, its ridge is
+        s, _ = _bn_affine(layer, state)  # reg * mean(s^2) / s_o^2, rounded to a power of 4
         s2 = (s * s).reshape(groups, -1)
-        live = s2 > 1e-24 * s2.max().clamp_min(1e-300)
-        r = torch.where(live, reg[:, None] * s2.mean() / s2.clamp_min(1e-300), torch.ones_like(s2)).clamp_max(1e200)
-        lam, q = torch.linalg.eigh(xx)  # one factorization serves every output's own ridge
-        rhs = q.transpose(1, 2) @ (xt + r[:, None, :] * w0)
-        sol = q @ (rhs / (lam.clamp_min(0)[:, :, None] + r[:, None, :]))
-        sol = torch.where(live[:, None, :], sol, w0)  # a channel the BatchNorm zeroes keeps its weights
+        ratio = s2.mean() / s2.clamp_min(1e-300)
+        live = ratio < 4.0 ** _MAX_POWER  # a channel the BatchNorm (nearly) zeroes keeps its weights
+        power = torch.floor(torch.log(ratio.clamp(4.0 ** -_MAX_POWER, 4.0 ** _MAX_POWER)) / math.log(4)).long()
+    sol = w0.clone()
+    eye = torch.eye(xx.shape[-1], dtype=xx.dtype, device=xx.device)
+    for p in torch.unique(power[live]).tolist():  # one factorization per distinct ridge
+        r = reg[:, None, None] * 4.0 ** p
+        chol, info = torch.linalg.cholesky_ex(xx + r * eye)
+        rhs = xt + r * w0
+        got = torch.cholesky_solve(rhs, chol) if not bool(info.any()) else torch.linalg.solve(xx + r * eye, rhs)
+        sol = torch.where((live & (power == p))[:, None, :], got, sol)
     new_w = sol[:, :w0.shape[1] - intercept].transpose(1, 2).reshape(w.shape)
     got = {layer.weight: new_w.to(w.dtype)}
     if intercept:
