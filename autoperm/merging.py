@@ -313,16 +313,24 @@ def check_normalize(normalize: str | None, data: Any, bias_layers: int | None, r
     check_ridge(ridge, normalize)
 
 
-def _endpoint_graphs(traced, models: Sequence[nn.Module] | None, data: list, n_inputs: int) -> list:
-    """model_a's traced graph once per endpoint, each with that model's own keyless constants
-    (non-persistent buffers: model_b's may differ from model_a's), for the goal statistics."""
+def _endpoint_graphs(traced, models: Sequence[nn.Module] | None, count: int, data: list, n_inputs: int) -> list:
+    """model_a's traced graph once per endpoint (``count`` of them), each with that model's own
+    keyless constants (non-persistent buffers: model_b's may differ from model_a's), for the goal
+    statistics; with ``models=None`` every endpoint uses model_a's."""
     if not traced.constants or not models:
-        return [traced] * max(1, len(models or ()))
-    inputs = stat_inputs(data[0], n_inputs, "normalization statistics")
+        return [traced] * count
+    if len(models) != count:
+        raise ValueError(f"combine: {len(models)} models for {count} states")
+    inputs = tuple(t[:2] for t in stat_inputs(data[0], n_inputs, "normalization statistics"))
     out = [traced]
-    for model in models[1:]:
+    for i, model in enumerate(models[1:], 1):
         own = capture(model, inputs).constants
         same = {k: v for k, v in own.items() if k in traced.constants and v.shape == traced.constants[k].shape}
+        odd = sorted(set(own) & set(traced.constants) - set(same))
+        if odd:
+            log.warning("models[%d]'s keyless constant %s has shape %s, model_a's %s: its goal statistics use "
+                        "model_a's value there", i, odd[0], tuple(own[odd[0]].shape),
+                        tuple(traced.constants[odd[0]].shape))
         out.append(dataclasses.replace(traced, constants={**traced.constants, **same}))
     return out
 
@@ -346,8 +354,9 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
         layers = find_layers(traced, grouped)
         dense = [layer for layer in layers if layer.kind == "dense"]
         # the endpoints' statistics (no pass at all where every merged layer feeds a BatchNorm)
-        graphs = _endpoint_graphs(traced, models, data, n_inputs) if dense else []
-        moments = [channel_moments(g, s, data, dense, n_inputs) for g, s in zip(graphs, states)] if dense else []
+        graphs = _endpoint_graphs(traced, models, len(states), data, n_inputs) if dense else []
+        moments = [channel_moments(g, s, data, dense, n_inputs) for g, s in zip(graphs, states, strict=True)] \
+            if dense else []
         goal = {n: (sum(w * m[n][0] for w, m in zip(weights, moments)),
                     sum(w * m[n][1] for w, m in zip(weights, moments))) for n in (moments[0] if moments else {})}
         state = repair_state(traced, state, layers, data, goal, mode=normalize, n_inputs=n_inputs)
@@ -358,8 +367,8 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
         data = list(data)
         traced = traced or _compile_a(model_a, al.spec, example_inputs, data)[1]
         layers = find_fit_layers(traced)
-        graphs = _endpoint_graphs(traced, models, data, n_inputs)
-        state = regression_state(traced, state, layers, data, list(zip(graphs, states)), weights,
+        graphs = _endpoint_graphs(traced, models, len(states), data, n_inputs)
+        state = regression_state(traced, state, layers, data, list(zip(graphs, states, strict=True)), weights,
                                  ridge=DEFAULT_RIDGE if ridge is None else ridge, n_inputs=n_inputs)
         log.info("regression: %d conv / linear layers refit", len(layers))
         fitted_through = {lay.bn[2] for lay in layers if lay.bn is not None}

@@ -376,3 +376,44 @@ def test_a_tiny_batchnorm_scale_does_not_blow_up_the_weights():
     assert abs(float(plain[1].weight[0].detach())) < 2e-6
     assert float((w[0] - w0[0]).abs().max()) < 1e-3 * float(w0.abs().max()), "channel 0 keeps its weights"
     assert float((w[1:] - w0[1:]).abs().max()) > 1e-3 * float(w0.abs().max()), "the other channels are refit"
+
+
+def test_a_batchnorm_with_every_scale_zero_keeps_the_conv():
+    """A zero-initialized last BatchNorm (every scale 0, torchvision's zero_init_residual): every
+    channel is dead, so the conv keeps its merged weights (the fit would overwrite them against a
+    goal of zero that says nothing about them)."""
+    a, b = linear_cnn(1, bn=True), linear_cnn(2, bn=True)
+    for m in (a, b):
+        with torch.no_grad():
+            m[3].weight.zero_()
+    data = [torch.randn(32, 1, 9, 9, dtype=torch.float64)]
+    al = autoperm.match(a, b, example_inputs=data[0], method="identity")
+    plain, merged = autoperm.merge(a, b, alignment=al), autoperm.merge(a, b, alignment=al, normalize="regression",
+                                                                        data=data)
+    assert torch.equal(merged[2].weight, plain[2].weight) and torch.equal(merged[3].running_mean, plain[3].running_mean)
+    assert not torch.equal(merged[0].weight, plain[0].weight), "the first conv (live BatchNorm) is refit"
+
+
+def test_ridge_too_large_for_a_float_is_a_value_error():
+    with pytest.raises(ValueError, match="pass a finite number > 0"):
+        autoperm.merge(linear_mlp(1), linear_mlp(2), normalize="regression",
+                       data=[torch.randn(8, 5, dtype=torch.float64)], ridge=10 ** 400)
+
+
+@pytest.mark.parametrize("norm", ["repair", "regression"])
+def test_combine_without_models_keeps_every_endpoint(norm):
+    """combine(models=None) (no model objects, so model_a's constants for all) still measures every
+    endpoint: it used to keep the first state only."""
+    from autoperm.merging import combine
+
+    a, b = linear_mlp(1), linear_mlp(2)
+    for m in (a, b):
+        m.insert(1, nn.Tanh())
+    data = [torch.randn(48, 5, dtype=torch.float64)]
+    al = autoperm.match(a, b, example_inputs=data[0])
+    states = [a.state_dict(), autoperm.permute(b, al.spec, al.perms).state_dict()]
+    bare = combine(a, states, [0.5, 0.5], al, normalize=norm, data=data, example_inputs=None)
+    full = combine(a, states, [0.5, 0.5], al, normalize=norm, data=data, example_inputs=None, models=[a, b])
+    x = torch.randn(8, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert output_error(full(x), bare(x)) < 1e-12

@@ -98,7 +98,11 @@ def check_ridge(ridge, normalize) -> None:
     if normalize != "regression":
         raise ValueError(f"ridge= is used only by normalize='regression' (got normalize={normalize!r}): "
                          "drop it or pass normalize='regression'")
-    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not 0 < float(ridge) < math.inf:
+    try:
+        finite = 0 < float(ridge) < math.inf
+    except (TypeError, ValueError, OverflowError):
+        finite = False
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not finite:
         raise ValueError(f"ridge={ridge!r}: pass a finite number > 0 (the pull toward the interpolated weights, "
                          "relative to the layer's input scale; default 1e-2)")
 
@@ -265,7 +269,7 @@ def _solve(layer: FitLayer, acc: dict, state: dict, ridge: float) -> dict[str, t
         s, _ = _bn_affine(layer, state)  # reg * mean(s^2) / s_o^2, rounded to a power of 4
         s2 = (s * s).reshape(groups, -1)
         ratio = s2.mean() / s2.clamp_min(1e-300)
-        live = ratio < 4.0 ** _MAX_POWER  # a channel the BatchNorm (nearly) zeroes keeps its weights
+        live = s2 * 4.0 ** _MAX_POWER > s2.mean()  # a channel the BatchNorm (nearly) zeroes keeps its weights
         power = torch.floor(torch.log(ratio.clamp(4.0 ** -_MAX_POWER, 4.0 ** _MAX_POWER)) / math.log(4)).long()
     sol = w0.clone()
     eye = torch.eye(xx.shape[-1], dtype=xx.dtype, device=xx.device)
