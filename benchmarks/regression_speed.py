@@ -25,24 +25,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import autoperm  # noqa: E402
-from autoperm.frontend import capture  # noqa: E402
-from autoperm.merge.interpolate import average_states  # noqa: E402
 from autoperm.merge.regression import find_fit_layers, regression_state  # noqa: E402
-from repair_speed import endpoint  # noqa: E402
+from repair_speed import merged_pair  # noqa: E402
 
 MODELS = ("torchvision:resnet18,torchvision:mobilenet_v3_small,torchvision:densenet121,timm:vit_tiny_patch16_224,"
           "torchvision:resnet50")
 
 
 def measure(name: str, n_batches: int, batch: int) -> dict:
-    a, x = endpoint(name, 0)
-    b, _ = endpoint(name, 1)
-    data = [torch.randn(batch, *x[0].shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(n_batches)]
-    al = autoperm.match(a, b, example_inputs=x, method="weight")
-    b_al = autoperm.permute(b, al.spec, al.perms)
-    states = [a.state_dict(), b_al.state_dict()]
-    state = average_states(states, [0.5, 0.5])
-    tg = capture(a, x)
+    a, b, data, al, states, state, tg = merged_pair(name, n_batches, batch)
     layers = find_fit_layers(tg)
     args = (tg, state, layers, data, [(tg, s) for s in states], [0.5, 0.5])
     t0 = time.perf_counter()

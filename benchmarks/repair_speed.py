@@ -42,15 +42,20 @@ def endpoint(name: str, seed: int):
     return model.eval(), x
 
 
-def measure(name: str, n_batches: int, batch: int) -> dict:
+def merged_pair(name: str, n_batches: int, batch: int) -> tuple:
+    """A and B (`endpoint`), random data batches, B aligned to A by weight matching, the averaged
+    state and A's traced graph: ``(a, b, data, al, states, state, tg)``."""
     a, x = endpoint(name, 0)
     b, _ = endpoint(name, 1)
     data = [torch.randn(batch, *x[0].shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(n_batches)]
     al = autoperm.match(a, b, example_inputs=x, method="weight")
     b_al = autoperm.permute(b, al.spec, al.perms)
     states = [a.state_dict(), b_al.state_dict()]
-    state = average_states(states, [0.5, 0.5])
-    tg = capture(a, x)
+    return a, b, data, al, states, average_states(states, [0.5, 0.5]), capture(a, x)
+
+
+def measure(name: str, n_batches: int, batch: int) -> dict:
+    a, b, data, al, states, state, tg = merged_pair(name, n_batches, batch)
     grouped = {ax.tensor for g in al.spec.groups for ax in g.axes if ax.dim == 0}
     layers = find_layers(tg, grouped)
     dense = [layer for layer in layers if layer.kind == "dense"]
