@@ -67,7 +67,25 @@ def _graph_inputs(model: nn.Module, device=None) -> tuple[torch.Tensor, ...] | N
     modules keep that record until they are pickled): batch 2 for symbolic sizes."""
     if not isinstance(model, torch.fx.GraphModule):
         return None
-    vals = [n.meta.get("val") for n in model.graph.nodes if n.op == "placeholder"]
+    return placeholder_inputs(model.graph, None, device)
+
+
+def traced_inputs(model: nn.Module, traced) -> tuple[torch.Tensor, ...] | None:
+    """Inputs shaped like the user inputs of ``traced`` (an alignment's `TracedGraph` of model_a;
+    None when there is none), on model's device: the size the graph was traced at."""
+    if traced is None:
+        return None
+    p = next((t for t in model.parameters()), None)
+    got = placeholder_inputs(traced.graph, set(traced.user_inputs), p.device if p is not None else None)
+    if got is not None:
+        log.info("example inputs shaped like the traced graph's: %s", [tuple(t.shape) for t in got])
+    return got
+
+
+def placeholder_inputs(graph: torch.fx.Graph, names: set[str] | None, device=None) -> tuple[torch.Tensor, ...] | None:
+    """Random tensors shaped like the placeholders of ``graph`` (those in ``names``, else all),
+    batch 2 for symbolic sizes; None if one has no recorded value."""
+    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder" and (names is None or n.name in names)]
     if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
         return None
     out = []

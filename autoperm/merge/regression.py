@@ -45,7 +45,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -241,9 +241,13 @@ def _channel_view(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (t.dim() - 2)))
 
 
-def _goal(layer: FitLayer, values: list[torch.Tensor], weights: Sequence[float], state) -> torch.Tensor:
-    """The layer's goal output: ``sum_i w_i Z_i``, taken back through the merged BatchNorm."""
-    t = sum(w * v.double() for w, v in zip(weights, values))
+Mix = Callable[[FitLayer, list], torch.Tensor]  # (layer, endpoint values) -> goal values, per unit
+
+
+def _goal(layer: FitLayer, values: list[torch.Tensor], weights: Sequence[float] | Mix, state) -> torch.Tensor:
+    """The layer's goal output: ``sum_i w_i Z_i`` (or ``weights(layer, values)``), taken back
+    through the merged BatchNorm."""
+    t = weights(layer, values).double() if callable(weights) else sum(w * v.double() for w, v in zip(weights, values))
     if layer.bn is not None:
         s, c = _bn_affine(layer, state)
         safe = torch.where(s.abs() > 1e-12 * s.abs().max().clamp_min(1e-300), s, torch.ones_like(s))
@@ -328,11 +332,12 @@ def _regress_staged(tg, state: dict, layers, batches, endpoints, weights, ridge,
 
 def regression_state(tg: TracedGraph, state: Mapping[str, torch.Tensor], layers: list[FitLayer],
                      data: Iterable, endpoints: Sequence[tuple[TracedGraph, Mapping[str, torch.Tensor]]],
-                     weights: Sequence[float], *, ridge: float = DEFAULT_RIDGE, n_inputs: int = 1,
+                     weights: Sequence[float] | Mix, *, ridge: float = DEFAULT_RIDGE, n_inputs: int = 1,
                      max_bytes: int | None = _STAGED_BYTES) -> dict[str, torch.Tensor]:
     """A new state for graph ``tg`` with each layer of ``layers`` refit in graph order (see the
     module docstring). ``endpoints`` are (graph, state) pairs whose ``layer.target`` values, mixed
-    by ``weights``, are the goals; ``n_inputs`` tensors of each batch of ``data`` are the forward's
+    by ``weights`` (one number per endpoint, or a function of the layer and the values that
+    returns the goal, e.g. unit by unit for a widened layer), are the goals; ``n_inputs`` tensors of each batch of ``data`` are the forward's
     inputs; ``ridge`` (> 0) pulls each layer toward its merged weights.
 
     The data goes through once: the merged graph and the endpoints advance over every batch

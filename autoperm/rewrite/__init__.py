@@ -30,14 +30,20 @@ log = logging.getLogger(__name__)
 PFM_NORMALIZATIONS = (None, "reset", "repair", "rescale", "regression")
 
 
-def _example_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None) -> tuple[torch.Tensor, ...]:
+def _example_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None,
+                    traced: Any = None) -> tuple[torch.Tensor, ...]:
+    """``example_inputs``, else the first batch of ``data``, else inputs shaped like the
+    alignment's traced graph (``traced``), else a guess from the model."""
     if example_inputs is not None:
         return normalize_inputs(example_inputs)
     got = first_inputs(data) if data is not None else None
     if got is not None:
         return got
-    from ..merging import infer_example_inputs
+    from ..merging import infer_example_inputs, traced_inputs
 
+    got = traced_inputs(model, traced)
+    if got is not None:
+        return got
     got = infer_example_inputs(model)
     log.info("example inputs inferred from the model: %s", [tuple(t.shape) for t in got])
     return got
@@ -68,7 +74,7 @@ def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float
     check_ridge(ridge, normalize)
     if data is not None and iter(data) is data:
         data = list(data)
-    inputs = _example_inputs(model_a, example_inputs, data)
+    inputs = _example_inputs(model_a, example_inputs, data, getattr(alignment, "traced", None))
     tg = getattr(alignment, "traced", None) or capture(model_a, inputs)
     sa = model_a.state_dict()
     aligned_b = permute_state_dict(model_b.state_dict(), alignment.spec, alignment.perms)
@@ -97,6 +103,6 @@ def rewrite_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
 
         options = partial.options() if isinstance(partial, Partial) else {"partial": partial}
         return partial_merge(model_a, model_b, alignment, alpha=alpha, normalize=normalize, data=data,
-                             example_inputs=example_inputs, **options)
+                             example_inputs=example_inputs, ridge=ridge, **options)
     return pfm_merge(model_a, model_b, alignment, alpha=alpha, preserve_first=preserve_first, normalize=normalize,
                      data=data, example_inputs=example_inputs, ridge=ridge)

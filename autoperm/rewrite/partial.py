@@ -24,6 +24,11 @@ by whole heads, while head_dim groups (summed over in q.k, whose 1/sqrt(d) scale
 and groups whose widening would change a grouped conv's group count are not widened, with the
 reason in `PartialResult.frozen`. Tied weights read in two roles are not widened either.
 
+``normalize`` takes RESET / REPAIR / RESCALE (`_normalize`: goal statistics per unit, thesis
+section 4.2) and autoperm's ``"regression"`` (`_regress`: every conv / linear layer of the widened
+model refit, `autoperm.merge.regression`, to a matched unit's interpolated output and an unmatched
+unit's own model's output).
+
 Worked example (thesis section 4.2: +20% width in every layer)::
 
     al = autoperm.match(model_a, model_b, method="activation", data=batches)
@@ -59,7 +64,7 @@ __all__ = ["Partial", "PartialResult", "partial_merge", "partial_widen", "benefi
            "benefit_greedy", "Greedy", "GreedyStep", "widened_params"]
 
 log = logging.getLogger(__name__)
-_NORMALIZE = (None, "reset", "repair", "rescale")
+_NORMALIZE = (None, "reset", "repair", "rescale", "regression")
 
 
 @dataclass(frozen=True)
@@ -129,14 +134,14 @@ def _gammas(partial: Any, names: list[str]) -> dict[str, float]:
     return {g: gamma for g in names}
 
 
-def _example_inputs(model: nn.Module, example_inputs: Any, data: list | None) -> tuple[torch.Tensor, ...]:
+def _example_inputs(model: nn.Module, example_inputs: Any, data: list | None, traced: Any = None) -> tuple[torch.Tensor, ...]:
     if example_inputs is not None:
         return normalize_inputs(example_inputs)
     got = first_inputs(data) if data else None
     if got is None:
-        from ..merging import infer_example_inputs
+        from ..merging import infer_example_inputs, traced_inputs
 
-        got = infer_example_inputs(model)
+        got = traced_inputs(model, traced) or infer_example_inputs(model)
     log.info("partial merge: example inputs of shapes %s", [tuple(t.shape) for t in got])
     return got
 
@@ -182,7 +187,8 @@ def _similarities(spec, tg, sites, wanted, state_a, state_b, perms, data, n_inpu
 def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5,
                   partial: float | Mapping[str, float] = 0.5, normalize: str | None = None,
                   data: Iterable | None = None, example_inputs: Any = None, assignment: str = "forced",
-                  threshold: float = 0.0, similarity: str = "auto", traced: TracedGraph | None = None) -> PartialResult:
+                  threshold: float = 0.0, similarity: str = "auto", traced: TracedGraph | None = None,
+                  ridge: float | None = None) -> PartialResult:
     """`partial_merge`, returning a `PartialResult` (the module and what was widened).
 
     ``traced`` is model_a's `autoperm.frontend.TracedGraph` (default: ``alignment.traced``, else
@@ -195,13 +201,16 @@ def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
         raise ValueError(f"threshold={threshold!r}: a similarity in [-1, 1]")
     if normalize not in _NORMALIZE:
         raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(_NORMALIZE)}")
+    from ..merge.regression import check_ridge
+
+    check_ridge(ridge, normalize)
     spec = getattr(alignment, "spec", None)
     if spec is None:
         raise ValueError("alignment must be an autoperm.Alignment with its spec (from autoperm.match)")
     data = list(data) if data is not None else None
     if normalize is not None and not data:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=")
-    inputs = _example_inputs(model_a, example_inputs, data)
+    inputs = _example_inputs(model_a, example_inputs, data, traced or getattr(alignment, "traced", None))
     tg = traced or getattr(alignment, "traced", None) or capture(model_a, inputs)
     compiled, sites = analyze_with_sites(tg)
     if [(g.name, g.size) for g in compiled.groups] != [(g.name, g.size) for g in spec.groups]:
@@ -237,7 +246,9 @@ def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
     widened = {g for g, (n, w) in widths.items() if w > n}
     local = {g: ops for g, ops in nonlocal_ops.items() if g in widened and ops}
     _self_check(model_a, module, tg, spec, sites, ext, contraction, state_a, state_b, inputs, exact=not local)
-    if normalize is not None:
+    if normalize == "regression":
+        _regress(module, tg, tg_w, spec, ext, state_a, state_b, state, data, alpha, ridge)
+    elif normalize is not None:
         _normalize(module, tg, tg_w, spec, ext, state_a, state_b, state, data, alpha, normalize)
     base = sum(p.numel() for p in model_a.parameters())
     params = [p for p in module.parameters()]
@@ -348,10 +359,44 @@ def _mix(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, alpha: float) -> 
     return torch.where(mask == 3, (1 - alpha) * x + alpha * y, torch.where(mask == 2, y, x))
 
 
+def _regress(module, tg, tg_w, spec, ext, state_a, state_b, state, data, alpha, ridge) -> None:
+    """``normalize="regression"`` on the widened model: each conv / linear layer refit so that its
+    output matches, unit by unit, the interpolation of A's and B's matched units and the unmatched
+    units' own model's output (`autoperm.merge.regression`)."""
+    from ..merge.regression import DEFAULT_RIDGE, find_fit_layers, regression_state
+
+    lays = param_layouts(spec)
+
+    def mix(layer, values):
+        za, zb = (v.double() for v in values)
+        if 0 not in lays.get(layer.weight, {}):
+            return (1 - alpha) * za + alpha * zb
+        ia, ib, mask, _ = widen_dim(state_a[layer.weight].shape[0], lays[layer.weight][0], ext)
+        dim = 1 if layer.conv is not None or layer.bn is not None else za.dim() - 1
+        shape = [1] * za.dim()
+        shape[dim] = -1
+        return _mix(za.index_select(dim, ia.clamp_min(0)), zb.index_select(dim, ib.clamp_min(0)),
+                    mask.reshape(shape), alpha)
+
+    to_new = {v: k for k, v in getattr(module, "autoperm_keys", {}).items()}
+    # the goals are read in model_a's graph: tg_w is its node-for-node copy (fx may rename a node,
+    # and a widened view becomes a reshape)
+    pairs = list(zip(tg_w.graph.nodes, tg.graph.nodes, strict=True))
+    if any(nw.op != no.op for nw, no in pairs):
+        raise AssertionError("partial merge: the widened graph is not a node-for-node copy of model_a's")
+    old_of = {nw.name: no.name for nw, no in pairs}
+    layers = [dataclasses.replace(lay, target=old_of[lay.target]) for lay in find_fit_layers(tg_w)]
+    state = regression_state(tg_w, dict(state), layers, data, [(tg, state_a), (tg, state_b)], mix,
+                             ridge=DEFAULT_RIDGE if ridge is None else ridge, n_inputs=len(tg.user_inputs))
+    own = module.state_dict()
+    module.load_state_dict({to_new.get(k, k): v for k, v in state.items() if to_new.get(k, k) in own}, strict=False)
+    log.info("partial merge: regression on %d layers", len(layers))
+
+
 def partial_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5,
                   partial: float | Mapping[str, float] = 0.5, normalize: str | None = None,
                   data: Iterable | None = None, example_inputs: Any = None, assignment: str = "forced",
-                  threshold: float = 0.0, similarity: str = "auto") -> nn.Module:
+                  threshold: float = 0.0, similarity: str = "auto", ridge: float | None = None) -> nn.Module:
     """Partially merge ``model_b`` into ``model_a`` (see the module docstring): a new, wider module.
 
     ``partial`` is gamma, the share of buffer units per group (a number in [0, 1] or a dict
@@ -360,11 +405,12 @@ def partial_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
     full merge. ``similarity`` ranks unit pairs for the extended assignment: ``"auto"`` uses
     activation correlations when ``data`` is given (as the thesis does), else the cosine of the
     units' weights. ``threshold`` is the adaptive assignment's epsilon. ``normalize`` in
-    ``{None, "reset", "repair", "rescale"}`` needs ``data``. Neither model is modified.
+    ``{None, "reset", "repair", "rescale", "regression"}`` needs ``data`` (``ridge``: regression's,
+    `autoperm.merge`). Neither model is modified.
     """
     return partial_widen(model_a, model_b, alignment, alpha=alpha, partial=partial, normalize=normalize, data=data,
                          example_inputs=example_inputs, assignment=assignment, threshold=threshold,
-                         similarity=similarity).module
+                         similarity=similarity, ridge=ridge).module
 
 
 from .partial_order import (Greedy, GreedyStep, benefit_factors, benefit_greedy, benefit_order,  # noqa: E402
