@@ -1,5 +1,5 @@
 """normalize="regression" on partial merges: matched units are refit to the interpolation of A's
-and B's units, unmatched units to their own model's (`autoperm.rewrite.partial._regress`).
+and B's units, unmatched units to their own model's (`autoperm.rewrite.partial_normalize.regress_widened`).
 
 Oracles: ``partial=0`` is the plain regression merge; ``partial=1`` on a unit-local model stays
 the ensemble; on a linear network an exact refit exists at every gamma, so the widened model
