@@ -73,7 +73,7 @@ def _load_model(name: str, input_shape: tuple[int, ...] | None):
 
         inputs = (torch.randn(*input_shape, dtype=float_dtype(model) or torch.float32),)
     elif is_file:
-        from .merging import infer_example_inputs
+        from .example_inputs import infer_example_inputs
 
         try:
             inputs = infer_example_inputs(model)

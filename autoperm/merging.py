@@ -19,6 +19,7 @@ from ._copy import copy_with_state
 from ._data import first_inputs, float_dtype, stat_inputs
 from .analysis import analyze_with_sites
 from .errors import ExampleInputError, ShapeMismatchError
+from .example_inputs import resolve_inputs
 from .frontend import capture, normalize_inputs
 from .match import NEEDS_GRAPH, Alignment, MatchContext, check_method_args, run_matcher
 from .merge import (average_states, calibrate_biases, check_compatible, count_layers, remove_biases,
@@ -31,7 +32,7 @@ from .permute import permute_state_dict
 from .spec import PermutationSpec
 from .verify import verify_spec
 
-__all__ = ["match", "align", "merge", "infer_example_inputs"]
+__all__ = ["match", "align", "merge"]
 
 if TYPE_CHECKING:
     from .rewrite.partial import Partial
@@ -39,74 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 NORMALIZATIONS = (None, "reset", "repair", "rescale", "regression", "bias_calibration", "bias_removal")
 DATA_FREE = (None, "bias_calibration", "bias_removal")  # normalizations that need no data
-
-
-def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
-    """Example inputs guessed from timm's ``pretrained_cfg`` or the first conv / linear / embedding."""
-    p = next((t for t in model.parameters() if t.is_floating_point()), None)
-    kw = {"dtype": p.dtype, "device": p.device} if p is not None else {}
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return (torch.randn(2, *cfg["input_size"], **kw),)
-    got = _graph_inputs(model, kw.get("device"))
-    if got is not None:
-        return got
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            return (torch.randn(2, m.in_features, **kw),)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[type(m)]
-            return (torch.randn(2, m.in_channels, *([32] * nd), **kw),)
-        if isinstance(m, nn.Embedding):
-            return (torch.randint(0, m.num_embeddings, (2, 16), device=m.weight.device),)
-    raise ValueError(f"cannot guess example inputs for {type(model).__name__}: pass example_inputs=")
-
-
-def _graph_inputs(model: nn.Module, device=None) -> tuple[torch.Tensor, ...] | None:
-    """Inputs shaped like the placeholders of a GraphModule that `torch.export` traced (emitted
-    modules keep that record until they are pickled): batch 2 for symbolic sizes."""
-    if not isinstance(model, torch.fx.GraphModule):
-        return None
-    return placeholder_inputs(model.graph, None, device)
-
-
-def traced_inputs(model: nn.Module, traced) -> tuple[torch.Tensor, ...] | None:
-    """Inputs shaped like the user inputs of ``traced`` (an alignment's `TracedGraph` of model_a;
-    None when there is none), on model's device: the size the graph was traced at."""
-    if traced is None:
-        return None
-    p = next((t for t in model.parameters()), None)
-    got = placeholder_inputs(traced.graph, set(traced.user_inputs), p.device if p is not None else None)
-    if got is not None:
-        log.info("example inputs shaped like the traced graph's: %s", [tuple(t.shape) for t in got])
-    return got
-
-
-def placeholder_inputs(graph: torch.fx.Graph, names: set[str] | None, device=None) -> tuple[torch.Tensor, ...] | None:
-    """Random tensors shaped like the placeholders of ``graph`` (those in ``names``, else all),
-    batch 2 for symbolic sizes; None if one has no recorded value."""
-    vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder" and (names is None or n.name in names)]
-    if not vals or not all(isinstance(v, torch.Tensor) for v in vals):
-        return None
-    out = []
-    for v in vals:
-        shape = [s if isinstance(s, int) else 2 for s in v.shape]
-        out.append(torch.randn(shape, dtype=v.dtype, device=device) if v.is_floating_point()
-                   else torch.zeros(shape, dtype=v.dtype, device=device))  # ids / masks: zeros are valid
-    return tuple(out)
-
-
-def _inputs(model, example_inputs, data, n_inputs: int = 1) -> tuple[torch.Tensor, ...]:
-    if example_inputs is not None:
-        return normalize_inputs(example_inputs)
-    if data is not None:
-        got = first_inputs(data, n_inputs)
-        if got is not None:
-            log.info("example inputs taken from the first batch of data: %s", [tuple(t.shape) for t in got])
-            return got
-    got = infer_example_inputs(model)
-    log.info("example inputs inferred from the model: %s", [tuple(t.shape) for t in got])
-    return got
 
 
 def _reiterable(data):
@@ -143,7 +76,7 @@ def _dtype_hint(model: nn.Module, inputs) -> str:
 
 def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs, data):
     """model_a's traced graph, its groups' activation sites, and a verified spec."""
-    inputs = _inputs(model_a, example_inputs, data, input_count(spec, example_inputs))
+    inputs = resolve_inputs(model_a, example_inputs, data, n_inputs=input_count(spec, example_inputs))
     try:
         traced = capture(model_a, inputs)
     except ExampleInputError as e:

@@ -55,8 +55,7 @@ from .._progress import progress
 from .._stats import run_graph
 from ..frontend import TracedGraph
 from ..rules.base import packet_name as _packet
-from .repair import _STAGED_BYTES
-from .staged import StagedRun, try_one_pass
+from .staged import STAGED_BYTES, StagedRun, try_one_pass
 
 __all__ = ["FitLayer", "find_fit_layers", "regression_state", "check_ridge", "DEFAULT_RIDGE"]
 
@@ -333,7 +332,7 @@ def _regress_staged(tg, state: dict, layers, batches, endpoints, weights, ridge,
 def regression_state(tg: TracedGraph, state: Mapping[str, torch.Tensor], layers: list[FitLayer],
                      data: Iterable, endpoints: Sequence[tuple[TracedGraph, Mapping[str, torch.Tensor]]],
                      weights: Sequence[float] | Mix, *, ridge: float = DEFAULT_RIDGE, n_inputs: int = 1,
-                     max_bytes: int | None = _STAGED_BYTES) -> dict[str, torch.Tensor]:
+                     max_bytes: int | None = STAGED_BYTES) -> dict[str, torch.Tensor]:
     """A new state for graph ``tg`` with each layer of ``layers`` refit in graph order (see the
     module docstring). ``endpoints`` are (graph, state) pairs whose ``layer.target`` values, mixed
     by ``weights`` (one number per endpoint, or a function of the layer and the values that

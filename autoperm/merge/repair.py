@@ -30,7 +30,7 @@ from .._progress import progress
 from .._stats import run_graph
 from ..frontend import TracedGraph
 from ..rules.base import packet_name as _packet
-from .staged import StagedRun, try_one_pass
+from .staged import STAGED_BYTES, StagedRun, try_one_pass
 
 __all__ = ["Layer", "find_layers", "channel_moments", "repair_state"]
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 _DENSE = {"linear": -1, "conv1d": 1, "conv2d": 1, "conv3d": 1}
 _BN = {"_native_batch_norm_legit_no_training", "batch_norm"}
-_STAGED_BYTES = 2 << 30  # values held at once over all batches by the one-pass REPAIR, before it falls back
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,7 @@ def _repair_staged(tg: TracedGraph, state: dict, layers: list[Layer], batches: l
 
 def repair_state(tg: TracedGraph, state: dict[str, torch.Tensor], layers: list[Layer], data: Iterable,
                  goal: dict[str, tuple[torch.Tensor, torch.Tensor]], *, mode: str = "repair",
-                 eps: float = 1e-8, n_inputs: int = 1, max_bytes: int | None = _STAGED_BYTES) -> dict[str, torch.Tensor]:
+                 eps: float = 1e-8, n_inputs: int = 1, max_bytes: int | None = STAGED_BYTES) -> dict[str, torch.Tensor]:
     """A new state dict with each layer corrected in turn, in graph order (see the module
     docstring); ``n_inputs``: how many tensors of each batch are the forward's inputs.
 

@@ -18,7 +18,9 @@ import torch
 
 from ..frontend import TracedGraph
 
-__all__ = ["StagedRun", "StagedTooLarge", "try_one_pass", "out_of_memory"]
+__all__ = ["StagedRun", "StagedTooLarge", "try_one_pass", "out_of_memory", "STAGED_BYTES"]
+
+STAGED_BYTES = 2 << 30  # values held at once over all batches by a one-pass correction, before it falls back
 
 
 class StagedTooLarge(RuntimeError):

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .._copy import copy_module
-from .._data import first_inputs
-from ..frontend import capture, normalize_inputs
+from ..example_inputs import resolve_inputs
+from ..frontend import capture
 from ..merge import interpolate_state
 from ..merge.normalize import has_batchnorm
 from ..merge.regression import check_ridge
@@ -28,25 +28,6 @@ __all__ = ["rewrite_merge", "pfm_merge", "emit", "graph_from_traced", "check_mod
 
 log = logging.getLogger(__name__)
 PFM_NORMALIZATIONS = (None, "reset", "repair", "rescale", "regression")
-
-
-def _example_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None,
-                    traced: Any = None) -> tuple[torch.Tensor, ...]:
-    """``example_inputs``, else the first batch of ``data``, else inputs shaped like the
-    alignment's traced graph (``traced``), else a guess from the model."""
-    if example_inputs is not None:
-        return normalize_inputs(example_inputs)
-    got = first_inputs(data) if data is not None else None
-    if got is not None:
-        return got
-    from ..merging import infer_example_inputs, traced_inputs
-
-    got = traced_inputs(model, traced)
-    if got is not None:
-        return got
-    got = infer_example_inputs(model)
-    log.info("example inputs inferred from the model: %s", [tuple(t.shape) for t in got])
-    return got
 
 
 def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5, preserve_first: int = 1,
@@ -74,7 +55,7 @@ def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float
     check_ridge(ridge, normalize)
     if data is not None and iter(data) is data:
         data = list(data)
-    inputs = _example_inputs(model_a, example_inputs, data, getattr(alignment, "traced", None))
+    inputs = resolve_inputs(model_a, example_inputs, data, traced=getattr(alignment, "traced", None))
     tg = getattr(alignment, "traced", None) or capture(model_a, inputs)
     sa = model_a.state_dict()
     aligned_b = permute_state_dict(model_b.state_dict(), alignment.spec, alignment.perms)

@@ -48,10 +48,10 @@ import torch
 from torch import nn
 
 from .._copy import copy_module
-from .._data import first_inputs
 from ..analysis import analyze_with_sites
 from ..errors import AutopermError
-from ..frontend import TracedGraph, capture, normalize_inputs
+from ..example_inputs import resolve_inputs
+from ..frontend import TracedGraph, capture
 from ..permute import apply_axis, unit_rows
 from ..verify import output_error
 from ..match.hierarchical import absorb_children
@@ -134,18 +134,6 @@ def _gammas(partial: Any, names: list[str]) -> dict[str, float]:
     return {g: gamma for g in names}
 
 
-def _example_inputs(model: nn.Module, example_inputs: Any, data: list | None, traced: Any = None) -> tuple[torch.Tensor, ...]:
-    if example_inputs is not None:
-        return normalize_inputs(example_inputs)
-    got = first_inputs(data) if data else None
-    if got is None:
-        from ..merging import infer_example_inputs, traced_inputs
-
-        got = traced_inputs(model, traced) or infer_example_inputs(model)
-    log.info("partial merge: example inputs of shapes %s", [tuple(t.shape) for t in got])
-    return got
-
-
 def _weight_similarity(spec, g, state_a, state_b, perms) -> torch.Tensor:
     """Cosine similarity of A's and B's units over all the group's axes (other groups of B
     aligned by ``perms``)."""
@@ -210,7 +198,7 @@ def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
     data = list(data) if data is not None else None
     if normalize is not None and not data:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=")
-    inputs = _example_inputs(model_a, example_inputs, data, traced or getattr(alignment, "traced", None))
+    inputs = resolve_inputs(model_a, example_inputs, data, traced=traced or getattr(alignment, "traced", None))
     tg = traced or getattr(alignment, "traced", None) or capture(model_a, inputs)
     compiled, sites = analyze_with_sites(tg)
     if [(g.name, g.size) for g in compiled.groups] != [(g.name, g.size) for g in spec.groups]:

@@ -21,7 +21,7 @@ from .partial_widen import widen_dim
 
 __all__ = ["normalize_widened", "regress_widened"]
 
-log = logging.getLogger("autoperm.rewrite.partial")
+log = logging.getLogger(__name__)
 
 
 def normalize_widened(module, tg, tg_w, spec, ext, state_a, state_b, state, data, alpha, mode) -> None:
