@@ -109,6 +109,7 @@ def mixed(seed):
         m.bn.running_mean.uniform_(-1, 1)
         m.bn.running_var.uniform_(0.5, 2)
         m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.uniform_(-1, 1)
     return m
 
 

@@ -31,6 +31,7 @@ def cnn(seed):
         m[1].running_mean.uniform_(-1, 1)
         m[1].running_var.uniform_(0.5, 2)
         m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-1, 1)
     return m
 
 
