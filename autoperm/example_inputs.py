@@ -19,7 +19,7 @@ from torch import nn
 from ._data import first_inputs
 from .frontend import normalize_inputs
 
-__all__ = ["resolve_inputs", "infer_example_inputs", "traced_inputs", "placeholder_inputs"]
+__all__ = ["resolve_inputs", "input_count", "infer_example_inputs", "traced_inputs", "placeholder_inputs", "same_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,33 @@ def resolve_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None,
     got = infer_example_inputs(model)
     log.info("example inputs inferred from the model: %s", [tuple(t.shape) for t in got])
     return got
+
+
+def input_count(spec: Any, example_inputs: Any, traced: Any = None) -> int:
+    """Tensors per batch that are the forward's inputs: from ``example_inputs``, else from
+    ``traced`` (an alignment's `TracedGraph`), else from the spec (`autoperm.trace` records how
+    many it was traced with), else 1."""
+    if example_inputs is not None:
+        return len(normalize_inputs(example_inputs))
+    if traced is not None and getattr(traced, "user_inputs", None):
+        return len(traced.user_inputs)
+    n = spec.meta.get("inputs", 1) if spec is not None else 1
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
+def same_shapes(traced: Any, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``inputs`` have the shapes ``traced``'s user inputs were traced at, the batch size
+    and symbolic sizes aside (True when the graph records no shapes)."""
+    vals = [n.meta.get("val") for n in traced.graph.nodes if n.op == "placeholder" and n.name in
+            set(traced.user_inputs)]
+    if len(vals) != len(inputs) or not all(isinstance(v, torch.Tensor) for v in vals):
+        return len(vals) == len(inputs) or not vals
+    for v, x in zip(vals, inputs):
+        if not isinstance(x, torch.Tensor) or v.dim() != x.dim():
+            return False
+        if any(isinstance(s, int) and s != t for s, t in zip(v.shape[1:], x.shape[1:])):
+            return False
+    return True
 
 
 def infer_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from ._copy import copy_with_state
 from ._data import first_inputs, float_dtype, stat_inputs
 from .analysis import analyze_with_sites
 from .errors import ExampleInputError, ShapeMismatchError
-from .example_inputs import resolve_inputs
+from .example_inputs import input_count, resolve_inputs
 from .frontend import capture, normalize_inputs
 from .match import NEEDS_GRAPH, Alignment, MatchContext, check_method_args, run_matcher
 from .merge import (average_states, calibrate_biases, check_compatible, count_layers, remove_biases,
@@ -51,15 +52,6 @@ def _reiterable(data):
     if data is not None and iter(data) is data:
         return list(data)
     return data
-
-
-def input_count(spec: PermutationSpec | None, example_inputs: Any) -> int:
-    """Tensors per batch that are the forward's inputs: from ``example_inputs``, else from the
-    spec (`autoperm.trace` records how many it was traced with), else 1."""
-    if example_inputs is not None:
-        return len(normalize_inputs(example_inputs))
-    n = spec.meta.get("inputs", 1) if spec is not None else 1
-    return n if isinstance(n, int) and n >= 1 else 1
 
 
 def _dtype_hint(model: nn.Module, inputs) -> str:
@@ -206,13 +198,17 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
     """
     check_normalize(normalize, data, bias_layers, ridge)
     alpha = as_alpha(alpha)
+    check_preserve_first(preserve_first)
+    _check_partial(partial)
+    if partial and not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha={alpha:g} with partial=: partial merging keeps each model's unmatched units "
+                         "weighted by 1 - alpha and alpha, so alpha must lie in [0, 1]")
     if not 0.0 <= alpha <= 1.0:
         log.warning("alpha=%g lies outside [0, 1]: extrapolating past %s", alpha, "model_a" if alpha < 0 else "model_b")
     check_compatible(model_a, model_b)
     data = _reiterable(data)
     if preserve_first and partial:
         raise ValueError("preserve_first > 0 together with partial > 0 is not supported (v1): pick one")
-    _check_partial(partial)
     al = alignment or match_compiled(model_a, model_b, spec, None, method=method, data=data,
                                      example_inputs=example_inputs, loss_fn=loss_fn, seed=seed, steps=steps, lr=lr,
                                      checked=True)
@@ -226,17 +222,25 @@ def merge(model_a: nn.Module, model_b: nn.Module, *, alpha: float = 0.5, method:
         from .rewrite import rewrite_merge
 
         return rewrite_merge(model_a, model_b, al, alpha=alpha, preserve_first=preserve_first, partial=partial,
-                             normalize=normalize, data=data, example_inputs=example_inputs, ridge=ridge)
+                             normalize=normalize, data=data, example_inputs=example_inputs, ridge=ridge,
+                             bias_layers=bias_layers)
     aligned_b = permute_state_dict(model_b.state_dict(), al.spec, al.perms)
     return combine(model_a, [model_a.state_dict(), aligned_b], [1 - alpha, alpha], al, normalize=normalize,
                    data=data, example_inputs=example_inputs, bias_layers=bias_layers, ridge=ridge,
                    models=[model_a, model_b])
 
 
+def check_preserve_first(preserve_first: Any) -> None:
+    """Raise unless ``preserve_first`` is an integer >= 0 (numpy integers too, never a bool)."""
+    if isinstance(preserve_first, bool) or not isinstance(preserve_first, numbers.Integral) or preserve_first < 0:
+        raise ValueError(f"preserve_first must be a non-negative int (the number of counted layers to keep "
+                         f"unmerged), got {preserve_first!r}")
+
+
 def _check_partial(partial: Any) -> None:
     from .rewrite.partial import Partial
 
-    if isinstance(partial, bool) or not isinstance(partial, (int, float, dict, Partial)):
+    if isinstance(partial, bool) or not isinstance(partial, (numbers.Real, Mapping, Partial)):
         raise ValueError(f"partial={partial!r}: pass a share of buffer units in [0, 1], a dict "
                          "{group name: share}, or an autoperm.Partial(...) with the assignment options")
 
@@ -296,8 +300,7 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
     state = average_states(states, weights)
     traced = al.traced
     # inputs per batch: from example_inputs, else from the graph the alignment traced
-    n_inputs = len(traced.user_inputs) if traced is not None and example_inputs is None else \
-        input_count(al.spec, example_inputs)
+    n_inputs = input_count(al.spec, example_inputs, traced)
     if normalize in ("repair", "rescale"):
         data = list(data)
         traced = traced or _compile_a(model_a, al.spec, example_inputs, data)[1]

@@ -220,6 +220,70 @@ def test_pfm_repair_hits_goal_on_merged_layers_only(mode):
                 assert not torch.allclose(h.mean(0), goal_mean, atol=1e-3), "RESCALE leaves means alone"
 
 
+@pytest.mark.parametrize("mode", ["bias_calibration", "bias_removal"])
+@pytest.mark.parametrize("name", ["mlp", "vgg"])
+def test_pfm_bias_limits(name, mode):
+    """The data-free normalizations: l = 0 is the plain merge with them, l >= L changes nothing."""
+    a, b, x, al = pair(name)
+    extra = {"bias_layers": 1} if mode == "bias_removal" else {}
+    plain = autoperm.merge(a, b, alignment=al, alpha=0.3, normalize=mode, **extra)
+    p0 = pfm_merge(a, b, al, alpha=0.3, preserve_first=0, normalize=mode, example_inputs=x, **extra)
+    assert output_error(plain(*x), p0(*x)) < 1e-9, f"preserve_first=0 + {mode} == merge(normalize={mode!r})"
+    unnormalized = autoperm.merge(a, b, alignment=al, alpha=0.3)
+    assert output_error(unnormalized(*x), plain(*x)) > 1e-4, "negative control: the biases changed"
+    L = len(counted_layers(al.traced))
+    pL = pfm_merge(a, b, al, alpha=0.3, preserve_first=L, normalize=mode, example_inputs=x, **extra)
+    assert output_error(ensemble(a, b, x, 0.3), pL(*x)) < 1e-9, "preserve_first=L is the ensemble"
+
+
+def test_pfm_bias_calibration_counts_merge_depth():
+    """Oracle by hand: preserving layers 0 and 2 of a 5-layer MLP, the merged layers 4, 6, 8 have
+    merge depths 2, 3, 4 (the merge node is one merging step); each bias is (1 - alpha)^d b_A +
+    alpha^d b_B; the preserved copies keep their own; bias removal zeroes the merged biases among
+    the model's last k counted layers (plain depths 1..5), and k is checked against 5 even when
+    every layer is preserved."""
+    a, b, alpha = deep_mlp(1), deep_mlp(2), 0.3
+    x = torch.randn(32, 5, dtype=torch.float64)
+    al = autoperm.match(a, b, example_inputs=x)
+    bp = autoperm.permute_state_dict(b.state_dict(), al.spec, al.perms)
+    m = autoperm.merge(a, b, alignment=al, alpha=alpha, preserve_first=2, normalize="bias_calibration",
+                       example_inputs=x)
+    sd = original_state_dict(m)
+    bare = original_state_dict(autoperm.merge(a, b, alignment=al, alpha=alpha, preserve_first=2, example_inputs=x))
+    for i, d in ((4, 2), (6, 3), (8, 4)):
+        want = (1 - alpha) ** d * a[i].bias + alpha ** d * bp[f"{i}.bias"]
+        assert torch.allclose(sd[f"merged.{i}.bias"], want, rtol=0, atol=1e-15), i
+        assert torch.equal(sd[f"merged.{i}.weight"], bare[f"merged.{i}.weight"])
+    assert all(torch.equal(v, bare[k]) for k, v in sd.items() if not k.startswith("merged.")), "preserved kept"
+
+    def lin(ctx, i, z):
+        return nn.functional.linear(z, sd[f"{ctx}.{i}.weight"], sd[f"{ctx}.{i}.bias"])
+
+    with torch.no_grad():
+        za, zb = (torch.relu(lin(c, 2, torch.relu(lin(c, 0, x)))) for c in ("model_a", "model_b"))
+        h = torch.relu(lin("merged", 6, torch.relu(lin("merged", 4, za + zb))))
+        assert output_error(m(x), lin("merged", 8, h)) < 1e-12, "the hand reading is the module"
+        # negative control: the plain merge's biases give another function
+        assert output_error(m(x), autoperm.merge(a, b, alignment=al, alpha=alpha, preserve_first=2,
+                                                 example_inputs=x)(x)) > 1e-4
+    for k, zeroed in ((1, {8}), (2, {6, 8}), (None, {4, 6, 8})):
+        sd = original_state_dict(autoperm.merge(a, b, alignment=al, alpha=alpha, preserve_first=2,
+                                                normalize="bias_removal", bias_layers=k, example_inputs=x))
+        for i in (4, 6, 8):
+            assert torch.equal(sd[f"merged.{i}.bias"] == 0, torch.full_like(sd[f"merged.{i}.bias"], i in zeroed,
+                                                                           dtype=torch.bool)), (k, i)
+        assert torch.equal(sd["model_a.0.bias"], bare["model_a.0.bias"]), "preserved biases are kept"
+    for k in (5, None):   # every merged bias, never a preserved one
+        sd = original_state_dict(autoperm.merge(a, b, alignment=al, alpha=alpha, preserve_first=2,
+                                                normalize="bias_removal", bias_layers=k, example_inputs=x))
+        assert all(bool((sd[f"merged.{i}.bias"] == 0).all()) for i in (4, 6, 8))
+        assert torch.equal(sd["model_b.2.bias"], bare["model_b.2.bias"])
+    for pf in (2, 9):
+        with pytest.raises(ValueError, match="bias_layers=6: pass an integer from 1 to 5"):
+            autoperm.merge(a, b, alignment=al, preserve_first=pf, normalize="bias_removal", bias_layers=6,
+                           example_inputs=x)
+
+
 def test_pfm_repair_spares_preserved_batchnorm():
     a, b, x, al = pair("vgg")
     data = [torch.randn(6, 3, 8, 8, dtype=torch.float64) for _ in range(3)]
@@ -233,8 +297,13 @@ def test_pfm_repair_spares_preserved_batchnorm():
 
 def test_pfm_rejects_bad_arguments():
     a, b, x, al = pair("mlp")
-    with pytest.raises(ValueError, match="normalize='bias_calibration' is not supported"):
-        pfm_merge(a, b, al, preserve_first=1, normalize="bias_calibration", example_inputs=x)
+    with pytest.raises(ValueError, match="normalize=.bias_removal. is not supported with partial merging"):
+        autoperm.merge(a, b, alignment=al, partial=0.5, normalize="bias_removal", example_inputs=x)
+    with pytest.raises(ValueError, match="bias_layers= is used only by normalize='bias_removal'"):
+        pfm_merge(a, b, al, preserve_first=1, normalize="bias_calibration", bias_layers=1, example_inputs=x)
+    with pytest.raises(ValueError, match="bias_layers=7"):
+        autoperm.merge(a, b, alignment=al, preserve_first=1, normalize="bias_removal", bias_layers=7,
+                       example_inputs=x)
     with pytest.raises(ValueError, match="needs data"):
         pfm_merge(a, b, al, preserve_first=1, normalize="repair", example_inputs=x)
     with pytest.raises(ValueError, match="preserve_first"):
@@ -251,6 +320,7 @@ def test_pfm_leaves_callers_models_untouched():
     before = state_snapshot(a), state_snapshot(b)
     m = autoperm.merge(a, b, preserve_first=1, normalize="reset", data=[torch.randn(6, 4) for _ in range(2)])
     assert a.training and b.training
+    assert m.training, "the PFM module takes model_a's mode, as every merge does"
     for model, snap in zip((a, b), before):
         assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
     assert m(torch.randn(5, 4)).shape == (5, 2)

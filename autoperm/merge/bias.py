@@ -28,8 +28,9 @@ Example (an MLP with 3 linear layers, counts 1, 2, 3)::
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import torch
 
@@ -53,11 +54,20 @@ class CountedLayer:
     depth: int
 
 
-def count_layers(tg: TracedGraph) -> list[CountedLayer]:
-    """The conv / linear layers of the graph in topological order, each with its depth count."""
+def count_layers(tg: TracedGraph, preserved: Collection[str] = ()) -> list[CountedLayer]:
+    """The conv / linear layers of the graph in topological order, each with its depth count.
+
+    ``preserved`` (node names; Preserve-First Merging) are the nodes left unmerged: they are not
+    listed, and each counts as depth 1 for what reads it, since the merge node that averages the
+    two models' preserved outputs is one merging step, like a merged first layer. With nothing
+    preserved this is the plain count; the merged layers of PFM count from the merge boundary.
+    """
     depth: dict[str, int] = {}
     layers = []
     for node in tg.graph.nodes:
+        if node.name in preserved:
+            depth[node.name] = 1
+            continue
         d = max((depth.get(n.name, 0) for n in node.all_input_nodes), default=0)
         args = node.args
         if _packet(node) in _DENSE and len(args) > 1 and getattr(args[1], "name", None) in tg.state_keys:
@@ -103,10 +113,10 @@ def remove_biases(state: Mapping[str, torch.Tensor], layers: Sequence[CountedLay
     if not layers:
         raise ValueError("normalize='bias_removal' found no conv / linear layer in the traced graph")
     total = max(layer.depth for layer in layers)
-    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= total):
+    if last is not None and (isinstance(last, bool) or not isinstance(last, numbers.Integral) or not 1 <= last <= total):
         raise ValueError(f"bias_layers={last!r}: pass an integer from 1 to {total} (the model has {total} "
                          "counted conv / linear layers), or None to remove every bias")
-    k = total if last is None else last
+    k = total if last is None else int(last)
     out = dict(state)
     zeroed = []
     for key, depths in _bias_depths(layers).items():

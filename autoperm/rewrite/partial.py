@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -50,7 +51,7 @@ from torch import nn
 from .._copy import copy_module
 from ..analysis import analyze_with_sites
 from ..errors import AutopermError
-from ..example_inputs import resolve_inputs
+from ..example_inputs import input_count, resolve_inputs, same_shapes
 from ..frontend import TracedGraph, capture
 from ..permute import apply_axis, unit_rows
 from ..verify import output_error
@@ -121,7 +122,7 @@ class PartialResult:
 
 def _gammas(partial: Any, names: list[str]) -> dict[str, float]:
     def check(value: Any, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"{where}={value!r}: the share of buffer units must be a number in [0, 1]")
         return float(value)
 
@@ -181,14 +182,15 @@ def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
 
     ``traced`` is model_a's `autoperm.frontend.TracedGraph` (default: ``alignment.traced``, else
     model_a is exported again); pass it when calling this in a loop."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha={alpha!r}: the weight of model_b must be a number in [0, 1]")
     if assignment not in ("forced", "adaptive"):
         raise ValueError(f"assignment={assignment!r}: choose 'forced' or 'adaptive'")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold={threshold!r}: a similarity in [-1, 1]")
     if normalize not in _NORMALIZE:
-        raise ValueError(f"normalize={normalize!r} is not available; choose one of {list(_NORMALIZE)}")
+        raise ValueError(f"normalize={normalize!r} is not supported with partial merging; choose one of "
+                         f"{list(_NORMALIZE)}")
     from ..merge.regression import check_ridge
 
     check_ridge(ridge, normalize)
@@ -198,8 +200,13 @@ def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
     data = list(data) if data is not None else None
     if normalize is not None and not data:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=")
-    inputs = resolve_inputs(model_a, example_inputs, data, traced=traced or getattr(alignment, "traced", None))
-    tg = traced or getattr(alignment, "traced", None) or capture(model_a, inputs)
+    tg = traced or getattr(alignment, "traced", None)
+    inputs = resolve_inputs(model_a, example_inputs, data, traced=tg, n_inputs=input_count(spec, example_inputs, tg))
+    if tg is None or not same_shapes(tg, inputs):  # the widening builds on a graph traced at these inputs
+        if tg is not None:
+            log.info("partial merge: the alignment was traced at other input shapes than %s; tracing model_a again",
+                     [tuple(t.shape) for t in inputs])
+        tg = capture(model_a, inputs)
     compiled, sites = analyze_with_sites(tg)
     if [(g.name, g.size) for g in compiled.groups] != [(g.name, g.size) for g in spec.groups]:
         raise ValueError("the alignment's spec does not match model_a's traced graph; match the models again")

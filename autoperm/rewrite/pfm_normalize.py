@@ -18,6 +18,14 @@ and no module is added.
 The correction runs on the emitted module's own graph (its ``get_attr`` nodes turned into
 placeholders, `pfm_traced`), so the statistics measured are those of the module returned; with
 ``preserve_first=0`` the result is the plain ``merge(..., normalize="repair")``.
+
+The data-free columns of the paper's Table 1 act on the merged part's biases before the module
+is built (`bias_merged`): ``"bias_calibration"`` (Table 1's "Bias Cal.", section 4.3) sets the
+bias of a merged layer at merge depth ``d`` to ``(1 - alpha)^d * b_A + alpha^d * b_B``; the
+merge depth counts the merge node as one merging step (`autoperm.merge.bias.count_layers` with
+the preserved nodes), so the first merged layer after the boundary has depth 2. ``"bias_removal"``
+zeroes the merged biases among the last ``bias_layers`` counted layers of the model (the plain
+merge's count, ``bias_layers`` in 1..L). With ``preserve_first=0`` both are the plain merge's.
 """
 
 from __future__ import annotations
@@ -29,12 +37,35 @@ from typing import Iterable, Mapping
 import torch
 
 from ..frontend import TracedGraph
+from ..merge.bias import calibrate_biases, count_layers, remove_biases
 from ..merge.regression import DEFAULT_RIDGE, find_fit_layers, regression_state
 from ..merge.repair import channel_moments, find_layers, repair_state
 
-__all__ = ["pfm_traced", "repair_merged", "regress_merged", "with_constants"]
+__all__ = ["bias_merged", "pfm_traced", "repair_merged", "regress_merged", "with_constants"]
 
 log = logging.getLogger(__name__)
+
+
+def bias_merged(tg: TracedGraph, preserved: Iterable[torch.fx.Node], states: Mapping[str, Mapping[str, torch.Tensor]],
+                alpha: float, normalize: str, bias_layers: int | None = None) -> dict[str, torch.Tensor]:
+    """The ``"merged"`` state of PFM with its merged layers' biases calibrated by merge depth
+    (``normalize="bias_calibration"``) or, among the model's last ``bias_layers`` counted layers,
+    zeroed (``"bias_removal"``; all with None); the preserved copies are not touched (module
+    docstring).
+
+    Example (an MLP of 3 linear layers, the first preserved; merge depths 2 and 3)::
+
+        state = bias_merged(tg, preserved_nodes(tg, 1), states, 0.5, "bias_calibration")
+        # state["1.bias"] = 0.25 * (b_A + b_B), state["2.bias"] = 0.125 * (b_A + b_B)
+    """
+    merged = states["merged"]
+    if normalize == "bias_removal":  # the preserved layers' keys in "merged" are never read
+        return remove_biases(merged, count_layers(tg), bias_layers)
+    layers = count_layers(tg, {n.name for n in preserved})
+    if not layers:
+        log.info("bias calibration: every conv / linear layer is preserved; no merged bias to change")
+        return dict(merged)
+    return calibrate_biases(merged, [states["model_a"], states["model_b"]], [1.0 - alpha, alpha], layers)
 
 
 def pfm_traced(module: torch.fx.GraphModule) -> TracedGraph:
