@@ -1,10 +1,11 @@
 """Partial merging on scikit-learn's digits: accuracy-barrier reduction against added parameters
 (the Partial Model Merging thesis, ../papers/004, Figures 4.12-4.15 and 4.27-4.30).
 
-Usage: python benchmarks/partial.py [--models mlp128,vgg] [--epochs 30]
+Usage: python benchmarks/partial.py [--models mlp128,vgg] [--epochs 30] [--norms none,repair[,regression]]
 Writes benchmarks/results/partial.png, partial.md and partial.json (``--pairs N``: N pairs, seeds 1
 and 2, 3 and 4, ..., averaged into partial_pairsN.png / .md / .json). Per model pair (trained as in
-benchmarks/merge_quality.py, aligned by activation matching) and with / without REPAIR:
+benchmarks/merge_quality.py, aligned by activation matching) and with / without REPAIR (``--norms``: also autoperm's
+``regression``, which is not in the thesis):
 
 * forced: every group widened by gamma in {0, .1, .2, .3, .5, .7, 1};
 * adaptive: thresholds epsilon in {.1, .2, .3, .4, .5, .6, .8} (at most gamma = 1);
@@ -47,7 +48,7 @@ BUDGETS = [0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 
 
 def run_model(name: str, epochs: int, train_set, test_set, stats_n: int, greedy_budget: float = 0.5,
-              seeds: tuple[int, int] = (1, 2)) -> dict:
+              seeds: tuple[int, int] = (1, 2), norms: tuple[str | None, ...] = (None, "repair")) -> dict:
     factory, _ = MODELS[name]
     (xtr, ytr), (xte, yte) = train_set, test_set
     xva, yva = xtr[-400:], ytr[-400:]
@@ -67,7 +68,7 @@ def run_model(name: str, epochs: int, train_set, test_set, stats_n: int, greedy_
         return {"added": r.added, "added_nonzero": r.nonzero / r.params_base - 1, "acc": acc(r.module, xte, yte),
                 "widths": {g: w for g, (n, w) in r.widths.items()}}
 
-    for norm in (None, "repair"):
+    for norm in norms:
         tag = norm or "none"
         curves = {"forced": [dict(point(norm, partial=g), gamma=g) for g in GAMMAS]}
         curves["adaptive"] = [dict(point(norm, partial=1.0, assignment="adaptive", threshold=e), epsilon=e)
@@ -116,13 +117,25 @@ def removed_within(points: list[dict], limit: float = 0.30) -> float | None:
     return min(ok) if ok else None
 
 
+def _norms_arg(args) -> str:
+    return "" if args.norms == "none,repair" else f" --norms {args.norms}"
+
+
+REGRESSION_NOTE = ("Normalization `regression` is autoperm's (`normalize=\"regression\"`: every conv / linear layer of "
+                   "the widened model refit by ridge regression to the interpolated output of a matched unit and "
+                   "its own model's output for an unmatched one); it is not in the thesis, and the target names "
+                   "REPAIR.")
+
+
 def render(rows: dict, args) -> str:
     lines = ["# partial merging on digits", "",
-             f"`python benchmarks/partial.py --models {','.join(rows)} --epochs {args.epochs}` (scikit-learn digits: "
+             f"`python benchmarks/partial.py --models {','.join(rows)} --epochs {args.epochs}{_norms_arg(args)}` "
+             "(scikit-learn digits: "
              "1400 train / 397 test; pairs trained from seeds 1 and 2 as in merge_quality.py; "
              "activation matching; alpha = 0.5; accuracies in %; added = stored parameters relative to one "
              "endpoint; reduction = share of the full merge's accuracy barrier removed). Target: benefit-ordered "
-             "partial merging after REPAIR removes the barrier with at most +30% parameters.", ""]
+             "partial merging after REPAIR removes the barrier with at most +30% parameters."
+             + (" " + REGRESSION_NOTE if "regression" in args.norms else ""), ""]
     for name, r in rows.items():
         lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters)", "",
                   f"endpoints {100 * r['acc_a']:.1f} / {100 * r['acc_b']:.1f} (mean {100 * r['endpoints']:.1f}); "
@@ -152,6 +165,7 @@ def render(rows: dict, args) -> str:
 
 
 PAIR_STRATEGIES = ("forced", "adaptive", "benefit", "greedy_at")
+TITLES = {"none": "no normalization", "repair": "after REPAIR", "regression": "after regression (autoperm's)"}
 
 
 def _ms(values) -> dict:
@@ -191,12 +205,14 @@ def summarize(runs: list[dict]) -> dict:
 def render_pairs(rows: dict, args) -> str:
     pct = lambda v: f"{100 * v['mean']:.1f} +- {100 * v['std']:.1f}"  # noqa: E731
     lines = ["# partial merging on digits, mean over pairs", "",
-             f"`python benchmarks/partial.py --models {','.join(rows)} --epochs {args.epochs} --pairs {args.pairs}`: "
+             f"`python benchmarks/partial.py --models {','.join(rows)} --epochs {args.epochs} --pairs {args.pairs}"
+             f"{_norms_arg(args)}`: "
              f"as `partial.md`, for {args.pairs} pairs (seeds 1 and 2, 3 and 4, ...); accuracies and barriers are "
              "the mean +- standard deviation over the pairs, added parameters the mean; reduction = share of the "
              "full merge's mean barrier removed. The greedy search is read at the benefit order's budgets "
              "(`Greedy.at`). Target: benefit-ordered partial merging after REPAIR removes the barrier (mean "
-             "barrier <= 0) with at most +30% parameters.", ""]
+             "barrier <= 0) with at most +30% parameters." + (" " + REGRESSION_NOTE if "regression" in args.norms else ""),
+             ""]
     for name, r in rows.items():
         lines += [f"## {name} ({r['params'] / 1e3:.0f}k parameters, {r['pairs']} pairs)", "",
                   f"endpoints' mean {pct(r['ends'])}; ensemble {pct(r['ensemble'])}", ""]
@@ -223,8 +239,8 @@ def plot(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tags = ["none", "repair"]
-    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows)), squeeze=False)
+    tags = list(next(iter(rows.values()))["curves"])
+    fig, axes = plt.subplots(len(rows), len(tags), figsize=(5 * len(tags), 3.6 * len(rows)), squeeze=False)
     for i, (name, r) in enumerate(rows.items()):
         for j, tag in enumerate(tags):
             ax = axes[i][j]
@@ -238,7 +254,7 @@ def plot(rows: dict, path: Path) -> None:
                         label=strat.replace("_at", ""))
             ax.axhline(100, color="grey", lw=0.8, ls=":")
             ax.axvline(30, color="red", lw=0.8, ls=":")
-            ax.set_title(f"{name}, {'after REPAIR' if tag == 'repair' else 'no normalization'}"
+            ax.set_title(f"{name}, {TITLES.get(tag, tag)}"
                          + (f" (mean of {r['pairs']} pairs)" if "pairs" in r else ""))
             ax.set_xlabel("added parameters (%)")
             ax.set_ylabel("accuracy barrier reduction (%)")
@@ -255,11 +271,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--append", action="store_true", help="keep the models already in partial.json")
     ap.add_argument("--greedy-budget", type=float, default=0.5, help="parameter budget of the greedy search")
+    ap.add_argument("--norms", default="none,repair",
+                    help="normalizations, comma-separated: none, repair (the target's), regression (autoperm's, "
+                         "not in the thesis), reset, rescale")
     ap.add_argument("--pairs", type=int, default=1,
                     help="pairs to train and average over (seeds 1-2, 3-4, ...); writes partial_pairsN.*")
     args = ap.parse_args()
     if args.pairs < 1:
         ap.error(f"--pairs {args.pairs}: pass at least 1")
+    norms = tuple(None if n == "none" else n for n in args.norms.split(","))
     torch.set_num_threads(1)
     train_set, test_set = digits()
     out = Path(args.out)
@@ -269,7 +289,7 @@ def main() -> None:
         rows = json.loads((out / f"{stem}.json").read_text()) if args.append and (out / f"{stem}.json").exists() else {}
         for name in args.models.split(","):
             runs = [run_model(name, args.epochs, train_set, test_set, args.stats, args.greedy_budget,
-                              (2 * k + 1, 2 * k + 2)) for k in range(args.pairs)]
+                              (2 * k + 1, 2 * k + 2), norms) for k in range(args.pairs)]
             rows[name] = {**summarize(runs), "runs": runs}
             (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
             (out / f"{stem}.md").write_text(render_pairs(rows, args))
@@ -278,7 +298,7 @@ def main() -> None:
         return
     rows = json.loads((out / "partial.json").read_text()) if args.append and (out / "partial.json").exists() else {}
     for name in args.models.split(","):
-        rows[name] = run_model(name, args.epochs, train_set, test_set, args.stats, args.greedy_budget)
+        rows[name] = run_model(name, args.epochs, train_set, test_set, args.stats, args.greedy_budget, norms=norms)
         (out / "partial.json").write_text(json.dumps(rows, indent=1))
         (out / "partial.md").write_text(render(rows, args))
         plot(rows, out / "partial.png")

@@ -251,7 +251,16 @@ def test_benefit_order_respects_the_budget():
         chosen = benefit_order(a, b, al, data, closeness, budget=budget, factors=factors)
         widths = {g: al.spec.group(g).size + math.ceil(v * al.spec.group(g).size) for g, v in chosen.items()}
         assert widened_params(al.spec, a, widths) <= (1 + budget) * base
-        assert all(v == 1.0 for v in list(chosen.values())[:-1])   # only the last one is partial (fill)
+        gammas = list(chosen.values())
+        whole = [v == 1.0 for v in gammas]
+        assert whole == sorted(whole, reverse=True), "whole groups first, then the fill"
+        for g, v in chosen.items():   # fill: no further 0.05 step of a partly widened group fits
+            if v < 1.0:
+                more = dict(chosen, **{g: round(v + 0.05, 2)})
+                w = {k: al.spec.group(k).size + math.ceil(x * al.spec.group(k).size) for k, x in more.items()}
+                assert widened_params(al.spec, a, w) > (1 + budget) * base, (budget, g, v)
+        if budget < 2.0:
+            assert any(v < 1.0 for v in gammas), "the budget is not enough for every group at gamma 1"
     with pytest.raises(ValueError, match="budget=-1"):
         benefit_order(a, b, al, data, closeness, budget=-1, factors=factors)
 

@@ -59,7 +59,10 @@ def _metric(value: Any) -> float:
             raise ValueError("evaluate must return one number (higher is better), or a dict with one entry; "
                              f"got keys {sorted(value)}")
         value = next(iter(value.values()))
-    out = float(value)
+    try:
+        out = float(value)
+    except (TypeError, ValueError, RuntimeError) as e:  # a string, None, a tensor of several elements
+        raise ValueError(f"evaluate returned {value!r:.80}: it must return one number (higher is better)") from e
     if not math.isfinite(out):
         raise ValueError(f"evaluate returned {out}: it must return a finite number (higher is better)")
     return out
@@ -103,6 +106,9 @@ def benefit_factors(model_a: nn.Module, model_b: nn.Module, alignment, data: Ite
     e.g. accuracy) against the full merge. Groups that cannot be widened are left out."""
     from .partial import partial_widen
 
+    if data is None:
+        raise ValueError("data=None: pass the batches the partial merges are built and normalized with "
+                         "(an iterable of input batches)")
     data = list(data)
     spec = alignment.spec
     names = list(groups) if groups is not None else [g.name for g in spec.groups]
@@ -127,9 +133,10 @@ def benefit_order(model_a: nn.Module, model_b: nn.Module, alignment, data: Itera
                   factors: Mapping[str, Benefit] | None = None, fill: bool = True, **kwargs) -> dict[str, float]:
     """``{group: gamma}`` for the groups to widen, in decreasing benefit factor, while the merged
     model has at most ``(1 + budget)`` times model A's parameters. Groups whose widening did not
-    help (gain <= 0) are never chosen. With ``fill`` the budget left over is given to the best
-    group that did not fit, at the largest gamma (a multiple of 0.05) that fits. ``factors``
-    (from `benefit_factors`) skips the measuring."""
+    help (gain <= 0) are never chosen. With ``fill`` the budget left over goes to the groups that
+    did not fit, in benefit order, each at the largest gamma (a multiple of 0.05) that still fits,
+    so no further 0.05 step of any of them fits. ``factors`` (from `benefit_factors`) skips the
+    measuring."""
     _check_budget(budget)
     factors = factors if factors is not None else benefit_factors(model_a, model_b, alignment, data, evaluate,
                                                                   gamma=gamma, **kwargs)
@@ -146,7 +153,7 @@ def benefit_order(model_a: nn.Module, model_b: nn.Module, alignment, data: Itera
             chosen = trial
         else:
             left.append(name)
-    for name in left[:1] if fill else []:
+    for name in left if fill else []:
         for step in range(int(round(gamma / 0.05)) - 1, 0, -1):
             g = round(step * 0.05, 2)
             if widened_params(spec, model_a, _widths(spec, {**chosen, name: g})) <= limit:
