@@ -1,7 +1,7 @@
 """Preserve-First Merging on digits, in the layout of Table 1 of the Vanishing Feature paper
 (../papers/003, section 4.4): rows PFM_{l/L}, columns the midpoint accuracy without normalization,
-with RESET (BatchNorm models), REPAIR and RESCALE (of the merged layers only), and the parameter /
-FLOP multipliers against one model.
+with RESET (BatchNorm models), REPAIR, RESCALE and bias calibration (Table 1's "Bias Cal.") of the
+merged layers only, autoperm's regression, and the parameter / FLOP multipliers against one model.
 
 Usage: python benchmarks/pfm.py [--models vgg,resnet20x1] [--epochs 30] [--method activation] [--pairs N]
 Pairs are trained as in benchmarks/merge_quality.py (seeds 1 and 2), aligned by activation
@@ -34,6 +34,7 @@ from digits_models import MODELS  # noqa: E402
 from merge_quality import digits, evaluate, match_options, train  # noqa: E402
 
 ROWS = {"vgg": None, "resnet20x1": [0, 3, 6, 9, 13, 16, 19, 20]}
+NEEDS_DATA = ("reset", "repair", "rescale", "regression")
 
 
 def run_model(name, epochs, train_set, test_set, method="activation", seeds=(1, 2)):
@@ -48,7 +49,7 @@ def run_model(name, epochs, train_set, test_set, method="activation", seeds=(1, 
     al = autoperm.match(a, b, example_inputs=xte[:4], **match_options(method, data, None, None))
     L = len(counted_layers(al.traced or capture(a, xte[:4])))
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in a.modules())
-    norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale", "regression"]
+    norms = [None] + (["reset"] if has_bn else []) + ["repair", "rescale", "bias_calibration", "regression"]
     base_params, base_flops = param_count(a), flop_count(a, xte[:1])
     row = {"L": L, "params": base_params, "flops": base_flops, "train_s": train_s,
            "acc_a": evaluate(a, xte, yte)["acc"], "acc_b": evaluate(b, xte, yte)["acc"], "ensemble": ens,
@@ -58,8 +59,8 @@ def run_model(name, epochs, train_set, test_set, method="activation", seeds=(1, 
         for norm in norms:
             t1 = time.perf_counter()
             m = autoperm.merge(a, b, alignment=al, preserve_first=l, normalize=norm,
-                               data=data if norm else None, example_inputs=xte[:4]) if l else \
-                autoperm.merge(a, b, alignment=al, normalize=norm, data=data if norm else None)
+                               data=data if norm in NEEDS_DATA else None, example_inputs=xte[:4]) if l else \
+                autoperm.merge(a, b, alignment=al, normalize=norm, data=data if norm in NEEDS_DATA else None)
             cell[norm or "none"] = evaluate(m, xte, yte)["acc"]
             cell["param_x"] = param_count(m) / base_params
             cell["flop_x"] = flop_count(m, xte[:1]) / base_flops
@@ -69,12 +70,12 @@ def run_model(name, epochs, train_set, test_set, method="activation", seeds=(1, 
     return row
 
 
-PAPER_NORMS = ("none", "reset", "repair", "rescale")  # the paper's Table 1 columns; "regression" is autoperm's
+PAPER_NORMS = ("none", "reset", "repair", "rescale", "bias_calibration")  # Table 1's; "regression" is autoperm's
 
 
 def _table(r, norms, ends, value, text):
     """The PFM table's lines, and per kind of normalization ("paper": none / reset / repair /
-    rescale; "regression") the first row within 1.3x parameters whose ``value`` (an accuracy)
+    rescale / bias_calibration; "regression") the first row within 1.3x parameters whose ``value`` (an accuracy)
     reaches ``ends``: (l, cell, normalizations), or None."""
     lines = ["| PFM | " + " | ".join(f"mid acc ({n})" for n in norms) + " | params | FLOPs |",
              "| --- | " + " | ".join("---:" for _ in norms) + " | ---: | ---: |"]
@@ -92,7 +93,8 @@ def _table(r, norms, ends, value, text):
 def _verdict(best, L, on="") -> str:
     """The target's line: met or not with the paper's normalizations, and with regression."""
     out = []
-    for kind, label in (("paper", "with the paper's normalizations (none / reset / repair / rescale)"),
+    for kind, label in (("paper", "with the paper's normalizations (none / reset / repair / rescale / "
+                                  "bias_calibration)"),
                         ("regression", "with autoperm's regression normalization (not in the paper)")):
         b = best[kind]
         out.append(f"{label}: " + (f"met from PFM {b[0]}/{L} with {b[1]['param_x']:.2f}x parameters "
@@ -116,7 +118,10 @@ def render(rows, args):
              "pre-activation mean and std / std only set to the endpoints' interpolation, folded into its "
              "weights; a merged layer feeding a BatchNorm is left alone and that BatchNorm gets the exact "
              "statistics instead, so on ResNet20 repair and rescale both amount to a BatchNorm reset with "
-             "population variances), regression (autoperm's, not in the paper: each merged conv / linear "
+             "population variances), bias_calibration (Table 1's Bias Cal., section 4.3, no data: a merged "
+             "layer's bias at merge depth d becomes (1 - alpha)^d b_A + alpha^d b_B, the merge node counting "
+             "as one step, so the first merged layer has d = 2; on ResNet20 only the classifier has a bias), "
+             "regression (autoperm's, not in the paper: each merged conv / linear "
              "layer refit by ridge regression, ridge 1e-2, so that its output on the PFM module's own inputs "
              "matches the interpolation of the endpoints' outputs; through its BatchNorm where it feeds one).", ""]
     for name, r in rows.items():
