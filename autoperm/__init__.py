@@ -42,6 +42,17 @@ def _submodules_on(fn, package: str) -> None:
 _submodules_on(match, "autoperm.match")
 _submodules_on(merge, "autoperm.merge")
 
+
+def __getattr__(name: str):
+    """Modules not imported by ``import autoperm`` (``autoperm.zoo``, ``autoperm.viz``,
+    ``autoperm.cli``, ...) load on first use, as the docs write them (PEP 562)."""
+    import importlib
+    import importlib.util
+
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "trace", "interpolate", "Curve", "loss_barrier", "accuracy_barrier", "match", "align", "merge", "merge_many", "Alignment", "permute", "permute_state_dict", "random_permutation", "identity_permutation", "invert",
     "compose", "register_rule", "RULES", "RuleContext", "PermutationSpec", "PermGroup", "Axis", "Frozen",

@@ -5,7 +5,8 @@ attention bias in eval mode); ``copy.deepcopy`` refuses such non-leaf tensors. `
 copies them detached, so copying never fails because the caller ran the model first.
 `copy_with_state` loads new weights into such a copy and then calls ``train(mode)``, which is
 where those models clear their caches (timm's LeViT and EfficientFormer do), so that no copy runs
-on a cache computed from the old weights.
+on a cache computed from the old weights; submodules whose mode differs from the model's (a
+frozen BatchNorm) then get their own mode back (`match_modes`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["copy_module", "copy_with_state"]
+__all__ = ["copy_module", "copy_with_state", "match_modes"]
 
 
 def _non_leaf(value, memo: dict, depth: int = 0) -> None:
@@ -47,4 +48,15 @@ def copy_with_state(model: nn.Module, state) -> nn.Module:
     mode, with forward caches of the old weights cleared where the model clears them in ``train``."""
     out = copy_module(model)
     out.load_state_dict(state)
-    return out.train(model.training)
+    return match_modes(out.train(model.training), model)
+
+
+def match_modes(out: nn.Module, model: nn.Module) -> nn.Module:
+    """``out`` (a copy of ``model``) with each submodule in the train / eval mode of ``model``'s
+    submodule of the same name (a BatchNorm frozen in eval inside a model in training mode stays
+    frozen); ``train`` is called where a mode differs, parents before children."""
+    own = dict(model.named_modules())
+    for name, m in out.named_modules():
+        if name in own and m.training != own[name].training:
+            m.train(own[name].training)
+    return out

@@ -144,6 +144,11 @@ def cmd_spec(args: argparse.Namespace) -> int:
     from .api import trace
     from .metrics import coverage
 
+    if args.out:  # a wrong --out is refused before the model is built and traced
+        out = Path(args.out)
+        if out.suffix.lower() not in (".json", ".dot", ".gv", ".svg", ".png"):
+            raise CLIError(f"--out {args.out!r}: use a .json, .dot, .svg or .png file name", EXIT_USAGE)
+        _check_out(out)
     t0 = time.perf_counter()
     model, inputs = _load_model(args.model, args.input_shape)
     log.info("built %s in %.1fs; tracing on inputs %s", args.model, time.perf_counter() - t0,
@@ -159,9 +164,6 @@ def cmd_spec(args: argparse.Namespace) -> int:
         from .viz import render_spec
 
         out = Path(args.out)
-        if out.suffix.lower() not in (".json", ".dot", ".gv", ".svg", ".png"):
-            raise CLIError(f"--out {args.out!r}: use a .json, .dot, .svg or .png file name", EXIT_USAGE)
-        _check_out(out)
         try:
             render_spec(spec, out, model=model, example_inputs=inputs, compact=args.compact)
         except OSError as e:
@@ -211,6 +213,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     state_a, state_b = _load_state(args.a, "A"), _load_state(args.b, "B")
     data, targets = _load_data(args.data, args.batch_size) if args.data else (None, None)
+    if args.method == "ste" and targets is None:
+        raise CLIError(f"--method ste minimizes the merged model's loss and needs targets: --data {args.data!r} "
+                       "must hold an (inputs, targets) tuple, e.g. torch.save((x, y), 'data.pt')", EXIT_USAGE)
     model, inputs = _load_model(args.model, args.input_shape)
     _check_fits(state_a, model, "A", args.a)
     _check_fits(state_b, model, "B", args.b)
@@ -288,11 +293,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------- entry point
+def _shape_values(argv: list[str]) -> list[str]:
+    """``--input-shape -1,3,8,8`` as ``--input-shape=-1,3,8,8``, so that argparse hands the value to
+    the shape check (which names it) instead of taking it for an option."""
+    import re
+
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        nxt = next(it, None) if a == "--input-shape" else None
+        if nxt is not None and re.fullmatch(r"-[0-9,x-]+", nxt):
+            out.append(f"--input-shape={nxt}")
+        else:
+            out += [a] + ([nxt] if nxt is not None else [])
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_shape_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as e:  # --help (0) or a usage error (2): argparse has printed the message
         return int(e.code or 0)
     verbose = bool(getattr(args, "verbose", False))

@@ -62,8 +62,13 @@ def _load_model(name: str, input_shape: tuple[int, ...] | None):
     image = input_shape[-1] if input_shape and len(input_shape) == 4 and input_shape[-1] == input_shape[-2] else None
     try:
         model, inputs = zoo.load(name, image_size=image if not is_file else None)
-    except ImportError:
-        raise
+    except ImportError as e:
+        if not is_file:
+            raise  # torchvision / timm missing: the zoo's message says what to install
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            raise CLIError(f"model file {path!r} imports {e.name!r}, which is not installed: install it, or fix "
+                           f"the import in {path!r}", EXIT_DEPENDENCY) from e
+        raise CLIError(f"model file {path!r} failed to import: {_first_line(e)}", EXIT_DEPENDENCY) from e
     except Exception as e:  # unknown model names, factories that raise or lack
         raise CLIError(f"cannot build MODEL {name!r}: {type(e).__name__}: {e}", EXIT_MODEL) from e
     if not isinstance(model, torch.nn.Module):
@@ -86,8 +91,7 @@ def _load_state(path: str, what: str) -> dict:
     import torch
 
     p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{what} checkpoint {path!r} not found", EXIT_FILE)
+    _check_file(p, f"{what} checkpoint")
     try:
         if p.suffix == ".safetensors":
             try:
@@ -100,8 +104,12 @@ def _load_state(path: str, what: str) -> dict:
     except CLIError:
         raise
     except Exception as e:
-        raise CLIError(f"cannot read {what} checkpoint {path!r}: {type(e).__name__}: {_first_line(e)} (is it a "
-                       "state_dict saved by torch.save, or a .safetensors file?)", EXIT_FILE) from e
+        if _pickled_objects(e):  # e.g. torch.save(model)
+            raise CLIError(f"{what} checkpoint {path!r} holds pickled Python objects (a whole module saved with "
+                           "torch.save(model)?), which autoperm does not unpickle: save model.state_dict() "
+                           "instead", EXIT_FILE) from e
+        raise CLIError(f"cannot read {what} checkpoint {path!r}: it is not a state_dict saved by torch.save, nor a "
+                       f".safetensors file ({type(e).__name__})", EXIT_FILE) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -135,13 +143,13 @@ def _load_data(path: str, batch_size: int) -> tuple[list, Any]:
     """Batches from a .pt file holding a tensor or an (inputs, targets) pair, and the targets."""
     import torch
 
-    if not Path(path).is_file():
-        raise CLIError(f"data file {path!r} not found", EXIT_FILE)
+    _check_file(Path(path), "data file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CLIError(f"cannot read data file {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}",
-                       EXIT_FILE) from e
+        hint = (": it holds pickled Python objects; save tensors only, e.g. torch.save((inputs, targets), path)"
+                if _pickled_objects(e) else f": it is not a file saved by torch.save ({type(e).__name__})")
+        raise CLIError(f"cannot read data file {path!r}{hint}", EXIT_FILE) from e
     inputs = obj if isinstance(obj, torch.Tensor) else obj[0] if isinstance(obj, (tuple, list)) and obj else None
     if isinstance(inputs, torch.Tensor) and (inputs.dim() == 0 or len(inputs) == 0):
         raise CLIError(f"data file {path!r} holds no samples (inputs of shape {list(inputs.shape)})", EXIT_FILE)
@@ -176,7 +184,23 @@ def _write_state(state: dict, out: Path) -> None:
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
+    """The first line of ``e``'s message, without terminal colour codes."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])
+
+
+def _pickled_objects(e: Exception) -> bool:
+    """Whether ``torch.load(weights_only=True)`` refused a class or function in the file (a real
+    pickle of Python objects), rather than bytes that are no checkpoint at all."""
+    return "Unsupported global" in str(e)
+
+
+def _check_file(p: Path, what: str) -> None:
+    if p.is_dir():
+        raise CLIError(f"{what} {str(p)!r} is a folder: give the file inside it", EXIT_FILE)
+    if not p.is_file():
+        raise CLIError(f"{what} {str(p)!r} not found", EXIT_FILE)
 
 
 def _check_out(out: Path) -> None:

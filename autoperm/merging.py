@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._copy import copy_with_state
+from ._copy import copy_with_state, match_modes
 from ._data import first_inputs, float_dtype, stat_inputs
 from .analysis import analyze_with_sites
 from .errors import ExampleInputError, ShapeMismatchError
@@ -344,5 +344,6 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
             sum(w > 0 for w in weights) > 1:
         # (REPAIR and RESCALE set every BatchNorm's statistics to the merged model's exact ones)
         _warn_once("bn", "BatchNorm statistics were interpolated, which usually breaks a merged model; "
-                   "normalize='reset' with data= recomputes them")
-    return merged.train(model_a.training)
+                   "normalize='reset' with data= (on the command line: --normalize reset --data FILE) "
+                   "recomputes them")
+    return match_modes(merged.train(model_a.training), model_a)

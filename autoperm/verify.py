@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 from ._copy import copy_module
 from ._invariance import constant_dims, perturb_keeping
 from .errors import UnsoundSpecError
+from .frontend import normalize_inputs
 from .permute import identity_permutation, permute, random_permutation
 from .spec import PermutationSpec
 
@@ -74,13 +75,14 @@ def output_error(ref: Any, got: Any) -> float:
 
 @torch.no_grad()
 def check_equivalence(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.Tensor],
-                      inputs: Sequence[torch.Tensor]) -> float:
+                      inputs: torch.Tensor | Sequence[torch.Tensor]) -> float:
     """Relative output error of ``permute(model, spec, perms)`` against ``model`` on ``inputs``.
 
     Run in the model's own dtype; pass a float64 model (`perturbed`) for a tight check. The
     permuted copy is taken before the reference call, so that a model writing its buffers in
     ``forward`` (a running average, a step counter) starts both calls from the same state.
     """
+    inputs = normalize_inputs(inputs)
     permuted = permute(model, spec, perms)
     ref = model(*(t.clone() for t in inputs))  # a forward may write to its inputs
     got = permuted(*(t.clone() for t in inputs))
@@ -96,7 +98,7 @@ class VerifyReport:
     tolerance: float
 
 
-def verify_spec(model: nn.Module, spec: PermutationSpec, inputs: Sequence[torch.Tensor], *,
+def verify_spec(model: nn.Module, spec: PermutationSpec, inputs: torch.Tensor | Sequence[torch.Tensor], *,
                 seed: int = 0, tolerance: float = 1e-7, raise_on_failure: bool = True) -> VerifyReport:
     """Check ``spec`` on a perturbed float64 copy of ``model`` with no-fixed-point permutations.
 
@@ -107,7 +109,7 @@ def verify_spec(model: nn.Module, spec: PermutationSpec, inputs: Sequence[torch.
     ``raise_on_failure=False``.
     """
     m64 = perturbed(model, seed)
-    x64 = to_float64(inputs)
+    x64 = to_float64(normalize_inputs(inputs))
     ref = m64(*(t.clone() for t in x64))
     if not all(torch.isfinite(t).all() for t in tree_leaves(ref) if isinstance(t, torch.Tensor)
                and t.is_floating_point()):

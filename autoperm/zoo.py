@@ -118,5 +118,8 @@ def load(name: str, *, image_size: int | None = None, **kwargs: Any) -> tuple[nn
     else:
         raise ValueError(f"model name {name!r} must look like 'torchvision:resnet18', 'timm:convnext_tiny' "
                          "or 'path/to/file.py:factory'")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name!r} returned {type(model).__name__}, not a torch.nn.Module: the factory must "
+                        "return the model")
     model.eval()
     return model, example_inputs_for(model, image_size)
