@@ -49,8 +49,13 @@ def __getattr__(name: str):
     import importlib
     import importlib.util
 
-    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f"{__name__}.{name}")
+    if name.isidentifier() and not name.startswith("__"):
+        try:
+            found = importlib.util.find_spec(f"{__name__}.{name}") is not None
+        except ImportError:
+            found = False
+        if found:
+            return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [

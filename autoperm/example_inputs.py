@@ -55,8 +55,9 @@ def input_count(spec: Any, example_inputs: Any, traced: Any = None) -> int:
 
 
 def same_shapes(traced: Any, inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Whether ``inputs`` have the shapes ``traced``'s user inputs were traced at, the batch size
-    and symbolic sizes aside (True when the graph records no shapes)."""
+    """Whether ``inputs`` have the shapes ``traced``'s user inputs were traced at, symbolic sizes
+    aside, and the batch size too unless the graph has a dynamic batch (True when the graph
+    records no shapes)."""
     vals = [n.meta.get("val") for n in traced.graph.nodes if n.op == "placeholder" and n.name in
             set(traced.user_inputs)]
     if len(vals) != len(inputs) or not all(isinstance(v, torch.Tensor) for v in vals):
@@ -64,7 +65,8 @@ def same_shapes(traced: Any, inputs: tuple[torch.Tensor, ...]) -> bool:
     for v, x in zip(vals, inputs):
         if not isinstance(x, torch.Tensor) or v.dim() != x.dim():
             return False
-        if any(isinstance(s, int) and s != t for s, t in zip(v.shape[1:], x.shape[1:])):
+        first = 1 if getattr(traced, "dynamic_batch", True) else 0
+        if any(isinstance(s, int) and s != t for s, t in zip(v.shape[first:], x.shape[first:])):
             return False
     return True
 

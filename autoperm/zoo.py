@@ -84,7 +84,12 @@ def _from_file(spec: str) -> Callable[..., nn.Module]:
         import_torchvision()  # the same workaround `torchvision:` and `timm:` names get
     mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    folder = str(Path(path).resolve().parent)
+    sys.path.insert(0, folder)  # the file imports modules beside it, as `python file.py` lets it
+    try:
+        mod_spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     if not hasattr(module, name):
         raise AttributeError(f"{path} has no factory {name!r}")
     return getattr(module, name)

@@ -284,6 +284,43 @@ def test_pfm_bias_calibration_counts_merge_depth():
                            example_inputs=x)
 
 
+class SkipNet(nn.Module):
+    """fc2(relu(fc1(h))) + skip(h) with h the raw input or its flatten: the same function."""
+
+    def __init__(self, flatten: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.flatten = flatten
+        self.fc1, self.fc2, self.skip, self.out = (nn.Linear(6, 8), nn.Linear(8, 5), nn.Linear(6, 5),
+                                                   nn.Linear(5, 2))
+
+    def forward(self, x):
+        h = x.flatten(1) if self.flatten else x
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(h))) + self.skip(h)))
+
+
+def test_pfm_merge_depth_ignores_preserved_ops_on_the_raw_input():
+    """A flatten of the raw input, preserved as an ancestor of the first layer, counted as a merge
+    step: the skip layer reading it got merge depth 2 instead of 1. Oracle: the same model fed
+    the flattened input without the flatten gets the same calibrated biases, and the skip bias is
+    the plain interpolation (depth 1)."""
+    sds = []
+    for flat in (False, True):
+        x = torch.randn(16, 2, 3, dtype=torch.float64) if flat else torch.randn(16, 6, dtype=torch.float64)
+        a, b = SkipNet(flat).double(), SkipNet(flat).double()
+        with torch.no_grad():
+            for p in b.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        al = autoperm.match(a, b, example_inputs=x)
+        m = autoperm.merge(a, b, alignment=al, preserve_first=1, normalize="bias_calibration", example_inputs=x)
+        sd = original_state_dict(m)
+        bp = autoperm.permute_state_dict(b.state_dict(), al.spec, al.perms)
+        assert torch.allclose(sd["merged.skip.bias"], 0.5 * (a.skip.bias + bp["skip.bias"]), rtol=0, atol=1e-15)
+        assert torch.allclose(sd["merged.fc2.bias"], 0.25 * (a.fc2.bias + bp["fc2.bias"]), rtol=0, atol=1e-15)
+        sds.append(sd)
+    assert all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+
+
 def test_pfm_repair_spares_preserved_batchnorm():
     a, b, x, al = pair("vgg")
     data = [torch.randn(6, 3, 8, 8, dtype=torch.float64) for _ in range(3)]

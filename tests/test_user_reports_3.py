@@ -111,3 +111,32 @@ def test_rewrite_argument_errors_name_the_argument():
         benefit_order(a, b, al, None, lambda m: 1.0)
     with pytest.raises(ValueError, match="evaluate returned 'high'"):
         benefit_order(a, b, al, [x], lambda m: "high")
+
+
+class Scaled(nn.Module):
+    """A second, 0-dim input: export cannot make the batch dynamic, so the graph keeps batch 4."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x, t):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1)))))) * t
+
+
+@pytest.mark.parametrize("kw", [dict(preserve_first=2), dict(partial=0.5)])
+def test_rewrites_retrace_a_graph_with_a_fixed_batch(kw):
+    """The alignment's graph had batch 4 baked in; data of batch 8 was run through it
+    ("shape '[4, 8]' is invalid"). Oracle: the same merge given inputs of batch 8 to match."""
+    a, b = Scaled(1).double(), Scaled(2).double()
+    t = torch.tensor(2.0, dtype=torch.float64)
+    al = autoperm.match(a, b, example_inputs=(torch.randn(4, 2, 4, dtype=torch.float64), t))
+    assert not al.traced.dynamic_batch
+    x = torch.randn(8, 2, 4, dtype=torch.float64)
+    got = autoperm.merge(a, b, alignment=al, data=[(x, t)], **kw)
+    assert got(x, t).shape == (8, 3)
+    al8 = autoperm.match(a, b, example_inputs=(x, t))
+    ref = autoperm.merge(a, b, alignment=al8, data=[(x, t)], **kw)
+    assert all(torch.equal(al.perms[g], al8.perms[g]) for g in al8.perms)
+    assert output_error(ref(x, t), got(x, t)) < 1e-12

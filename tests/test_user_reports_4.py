@@ -22,10 +22,22 @@ def test_documented_submodules_load_on_first_use():
     code = ("import sys, autoperm\n"
             "assert 'autoperm.zoo' not in sys.modules\n"
             "assert callable(autoperm.zoo.load) and callable(autoperm.viz.render_spec) and callable(autoperm.cli.main)\n"
-            "try:\n    autoperm.no_such_thing\nexcept AttributeError as e:\n    print('refused', e)\n")
+            "try:\n    autoperm.no_such_thing\nexcept AttributeError as e:\n    print('refused', e)\n"
+            "assert not hasattr(autoperm, 'foo.bar') and not hasattr(autoperm, '.')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refused module 'autoperm' has no attribute 'no_such_thing'" in out.stdout
+
+
+def test_model_file_imports_the_module_beside_it(tmp_path):
+    """A model file importing a sibling file failed ("imports 'blocks', which is not installed"):
+    the file's folder was not on the import path, as it is for `python net.py`."""
+    (tmp_path / "blocks_xyz.py").write_text("from torch import nn\n\ndef block():\n    return nn.Linear(4, 3)\n")
+    (tmp_path / "net.py").write_text("from torch import nn\nfrom blocks_xyz import block\n\n"
+                                     "def make():\n    return nn.Sequential(block(), nn.ReLU(), nn.Linear(3, 2))\n")
+    before = list(sys.path)
+    model, _ = autoperm.zoo.load(f"{tmp_path / 'net.py'}:make")
+    assert isinstance(model[0], nn.Linear) and sys.path == before
 
 
 def _mlp():
@@ -42,14 +54,13 @@ def test_checks_take_a_single_tensor():
     assert autoperm.verify_spec(m, spec, x).error == autoperm.verify_spec(m, spec, (x,)).error < 1e-12
     perms = autoperm.random_permutation(spec, 1)
     assert autoperm.check_equivalence(m, spec, perms, x) == autoperm.check_equivalence(m, spec, perms, (x,))
-    # negative control: the check sees a permutation the spec does not allow (the first layer's
-    # rows permuted without the BatchNorm and the next layer's columns)
-    m64 = autoperm.perturbed(m, 0)
-    bad = autoperm.perturbed(m, 0)
-    with torch.no_grad():
-        bad[0].weight.copy_(bad[0].weight.flip(0))
-        bad[0].bias.copy_(bad[0].bias.flip(0))
-    assert (bad(x.double()) - m64(x.double())).abs().max() > 1e-3
+    # negative control: a spec missing the next layer's input axis is caught, given a bare Tensor
+    d = spec.to_dict()
+    d["groups"][0]["axes"] = [a for a in d["groups"][0]["axes"] if a["tensor"] != "3.weight"]
+    unsound = autoperm.PermutationSpec.from_dict(d)
+    assert autoperm.check_equivalence(m, unsound, autoperm.random_permutation(unsound, 1, derangement=True), x) > 1e-3
+    report = autoperm.verify_spec(m, unsound, x, raise_on_failure=False)
+    assert report.error > 1e-3 and set(report.failing) == {spec.groups[0].name}
 
 
 def test_permute_and_merge_keep_submodule_modes():

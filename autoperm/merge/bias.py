@@ -58,19 +58,22 @@ def count_layers(tg: TracedGraph, preserved: Collection[str] = ()) -> list[Count
     """The conv / linear layers of the graph in topological order, each with its depth count.
 
     ``preserved`` (node names; Preserve-First Merging) are the nodes left unmerged: they are not
-    listed, and each counts as depth 1 for what reads it, since the merge node that averages the
-    two models' preserved outputs is one merging step, like a merged first layer. With nothing
-    preserved this is the plain count; the merged layers of PFM count from the merge boundary.
+    listed, and one that is a conv / linear layer or reads one counts as depth 1 for what reads it,
+    since the merge node that averages the two models' preserved outputs is one merging step, like
+    a merged first layer (a preserved op on the raw input alone, a flatten say, stays depth 0: both
+    models compute the same value there). With nothing preserved this is the plain count; the
+    merged layers of PFM count from the merge boundary.
     """
     depth: dict[str, int] = {}
     layers = []
     for node in tg.graph.nodes:
-        if node.name in preserved:
-            depth[node.name] = 1
-            continue
         d = max((depth.get(n.name, 0) for n in node.all_input_nodes), default=0)
         args = node.args
-        if _packet(node) in _DENSE and len(args) > 1 and getattr(args[1], "name", None) in tg.state_keys:
+        dense = _packet(node) in _DENSE and len(args) > 1 and getattr(args[1], "name", None) in tg.state_keys
+        if node.name in preserved:
+            depth[node.name] = 1 if dense or d else 0
+            continue
+        if dense:
             d += 1
             bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
             layers.append(CountedLayer(node.name, tg.state_keys[args[1].name],
@@ -115,7 +118,8 @@ def remove_biases(state: Mapping[str, torch.Tensor], layers: Sequence[CountedLay
     total = max(layer.depth for layer in layers)
     if last is not None and (isinstance(last, bool) or not isinstance(last, numbers.Integral) or not 1 <= last <= total):
         raise ValueError(f"bias_layers={last!r}: pass an integer from 1 to {total} (the model has {total} "
-                         "counted conv / linear layers), or None to remove every bias")
+                         "conv / linear layers on its longest path, the depth bias_removal counts), or None to "
+                         "remove every bias")
     k = total if last is None else int(last)
     out = dict(state)
     zeroed = []
