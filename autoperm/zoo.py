@@ -61,15 +61,22 @@ def import_timm():
 
 def example_inputs_for(model: nn.Module, image_size: int | None = None, batch: int = 2) -> tuple[torch.Tensor]:
     """Image inputs for a classification model: ``image_size`` if given, else timm's
-    ``pretrained_cfg["input_size"]``, else the first conv's channels at 224x224."""
+    ``pretrained_cfg["input_size"]``, else the first conv's channels at 224x224. A model whose
+    first conv / linear / embedding is not a conv (an MLP, a text model) gets inputs for that
+    layer instead (`autoperm.example_inputs.infer_example_inputs`; ``image_size`` is ignored)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     channels, size = 3, 224
     if "input_size" in cfg:
         channels, size = cfg["input_size"][0], cfg["input_size"][-1]
     else:
-        conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Conv3d))), None)
-        if conv is not None:
-            channels = conv.in_channels
+        first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+                                                                     nn.Embedding))), None)
+        if first is not None and not isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            from .example_inputs import infer_example_inputs
+
+            return infer_example_inputs(model)
+        if first is not None:
+            channels = first.in_channels
     size = image_size or size
     return (torch.randn(batch, channels, size, size),)
 

@@ -7,6 +7,7 @@ Writes benchmarks/results/test_zoo.md and test_zoo.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -23,6 +24,7 @@ from zoo import ZOO  # noqa: E402
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no unknown flags
     rows = {}
     for name, (factory, inputs) in ZOO.items():
         torch.manual_seed(0)

@@ -132,3 +132,17 @@ def test_cli_messages_name_the_file_and_the_fix(files, capsys, case):
     assert all(w in err for w in words), err
     assert "\x1b[" not in err and "Traceback" not in err
     assert not (d / "m.pt").exists()
+
+
+def test_zoo_load_of_a_file_mlp_gives_inputs_it_accepts(tmp_path):
+    """zoo.load('file.py:factory') of an MLP returned 3x224x224 images it cannot read (the CLI
+    already guessed from the first layer). Control: a conv model still gets images."""
+    (tmp_path / "fm.py").write_text("from torch import nn\n\ndef mlp():\n    return nn.Sequential(nn.Linear(4, 8), "
+                                    "nn.ReLU(), nn.Linear(8, 2))\n\ndef cnn():\n    return nn.Sequential("
+                                    "nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), "
+                                    "nn.Linear(4, 2))\n")
+    for size in (None, 16):
+        model, (x,) = autoperm.zoo.load(f"{tmp_path / 'fm.py'}:mlp", image_size=size)
+        assert x.shape[1:] == (4,) and model(x).shape == (x.shape[0], 2)
+    model, (x,) = autoperm.zoo.load(f"{tmp_path / 'fm.py'}:cnn", image_size=16)
+    assert x.shape[1:] == (1, 16, 16) and model(x).shape == (x.shape[0], 2)
