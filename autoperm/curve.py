@@ -15,10 +15,15 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Curve", "interpolate", "loss_barrier", "accuracy_barrier"]
 
@@ -26,19 +31,28 @@ __all__ = ["Curve", "interpolate", "loss_barrier", "accuracy_barrier"]
 def loss_barrier(alphas: Sequence[float], losses: Sequence[float]) -> float:
     """``max_alpha L(alpha) - ((1 - alpha) L(0) + alpha L(1))``; alphas must include 0 and 1."""
     la, lb = _ends(alphas, losses)
-    return max(l - ((1 - a) * la + a * lb) for a, l in zip(alphas, losses))
+    return _max([l - ((1 - a) * la + a * lb) for a, l in zip(alphas, losses)])
 
 
 def accuracy_barrier(alphas: Sequence[float], accs: Sequence[float]) -> float:
     """``max_alpha (1 - alpha) Acc(0) + alpha Acc(1) - Acc(alpha)``; alphas must include 0 and 1."""
     aa, ab = _ends(alphas, accs)
-    return max((1 - a) * aa + a * ab - v for a, v in zip(alphas, accs))
+    return _max([(1 - a) * aa + a * ab - v for a, v in zip(alphas, accs)])
+
+
+def _max(gaps: list[float]) -> float:
+    """The largest gap, NaN if any is NaN (Python's max skips a NaN that is not first)."""
+    return float("nan") if any(g != g for g in gaps) else max(gaps)
 
 
 def _ends(alphas, values):
     alphas, values = list(alphas), list(values)
     if len(alphas) != len(values):
         raise ValueError(f"got {len(alphas)} alphas but {len(values)} values: pass one value per alpha")
+    if len(set(alphas)) != len(alphas):
+        raise ValueError(f"alphas {alphas} repeat a value: pass each alpha once")
+    if any(v != v for v in values):  # NaN: a diverged model has no barrier, not a barrier of 0
+        log.warning("a value on the curve is NaN: the barrier is NaN")
     if 0 not in alphas or 1 not in alphas:
         raise ValueError("a barrier needs alpha = 0 and alpha = 1 among the alphas")
     return values[alphas.index(0)], values[alphas.index(1)]
@@ -79,11 +93,20 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float],
     BatchNorm statistics recomputed), and barriers are measured against them; evaluate the
     models themselves to compare with the originals.
     """
-    from .merging import match, merge
+    from .merging import _reiterable, match, merge
 
+    alphas = list(alphas)
+    bad = [a for a in alphas if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a)]
+    if not alphas or bad:
+        raise ValueError(f"alphas={alphas!r}: pass finite numbers, e.g. [0, 0.25, 0.5, 0.75, 1]"
+                         + (f" ({bad[0]!r} is not one)" if bad else ""))
     alphas = [float(a) for a in alphas]
+    if "data" in merge_kwargs:  # a generator would be used up by the first alpha
+        merge_kwargs["data"] = _reiterable(merge_kwargs["data"])
     if "alignment" not in merge_kwargs:
         keys = ("spec", "data", "example_inputs", "seed", "loss_fn", "steps", "lr")
+        if method == "sinkhorn" and merge_kwargs.get("loss_fn") is None:
+            keys = tuple(k for k in keys if k != "data")  # the weight distance needs no data
         merge_kwargs["alignment"] = match(model_a, model_b, method=method,
                                           **{k: merge_kwargs[k] for k in keys if k in merge_kwargs})
     curve = Curve(alphas)

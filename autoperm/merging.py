@@ -112,6 +112,14 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
         al = autoperm.match(model_a, model_b, method="ste", data=loader, loss_fn=F.cross_entropy)
         al = autoperm.match(model_a, model_b, starts=1, max_iter=1)   # fast: one pass of one descent
     """
+    if max_iter != 100 and method not in ("weight", "ste"):
+        raise ValueError(f"max_iter= is used only by method='weight' and method='ste', not by "
+                         f"method={method!r}: drop it")
+    if features != "pre" and method != "activation":
+        raise ValueError(f"features= is used only by method='activation', not by method={method!r}: drop it")
+    if method == "sinkhorn" and data is not None and loss_fn is None:
+        raise ValueError("method='sinkhorn' uses data= only with loss_fn= (the midpoint loss); without it the "
+                         "weight distance is minimized and data would be ignored: pass loss_fn= or drop data=")
     return match_compiled(model_a, model_b, spec, None, method=method, data=data, example_inputs=example_inputs,
                           loss_fn=loss_fn, seed=seed, max_iter=max_iter, features=features, steps=steps, lr=lr,
                           starts=starts, tol=tol)
@@ -129,6 +137,8 @@ def match_compiled(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec
     built from), so the tensors are not scanned again."""
     if not checked:
         check_compatible(model_a, model_b)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed={seed!r}: pass an integer (it seeds the random choices of the matcher)")
     data = _reiterable(data)
     n_inputs = input_count(spec, example_inputs)
     check_method_args(method, data, loss_fn, steps, lr, n_inputs, starts, tol)

@@ -136,7 +136,7 @@ _XY = [(torch.randn(4, 5), torch.randint(0, 2, (4,)))]
     (dict(method="weight", loss_fn=F.cross_entropy), r"loss_fn= is used only by method='sinkhorn'"),
     (dict(method="activation", data=_XY, steps=3), r"steps= is used only by"),
     (dict(method="sinkhorn", steps=-1), r"steps=-1: pass a non-negative integer"),
-    (dict(method="ste", data=_XY, loss_fn=F.cross_entropy, lr=0), r"lr=0: pass a positive learning rate"),
+    (dict(method="ste", data=_XY, loss_fn=F.cross_entropy, lr=0), r"lr=0: pass a positive, finite learning rate"),
 ])
 def test_errors_name_the_missing_parameter(kwargs, message):
     a, b = _pair()

@@ -154,8 +154,8 @@ def check_method_args(method: str, data: Any, loss_fn: Any, steps: Any = None, l
         return
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
         raise ValueError(f"steps={steps!r}: pass a non-negative integer step budget")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise ValueError(f"lr={lr!r}: pass a positive learning rate")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+        raise ValueError(f"lr={lr!r}: pass a positive, finite learning rate")
     if loss_fn is not None:
         check_loss_fn(method, loss_fn)
         if isinstance(data, (list, tuple)) and data:  # generators were listed by the caller

@@ -29,8 +29,8 @@ def check_budget(steps: Any, lr: Any) -> None:
     """Raise naming ``steps`` or ``lr`` when it is not a non-negative integer / positive number."""
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps={steps!r}: pass a non-negative integer step budget")
-    if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr={lr!r}: pass a positive learning rate")
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+        raise ValueError(f"lr={lr!r}: pass a positive, finite learning rate")
 
 
 def touched_float_keys(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> list[str]:
