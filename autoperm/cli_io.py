@@ -108,9 +108,8 @@ def _load_state(path: str, what: str) -> dict:
             raise CLIError(f"{what} checkpoint {path!r} holds pickled Python objects besides tensors (a whole "
                            "module saved with torch.save(model), or a training checkpoint with other entries?), "
                            "which autoperm does not unpickle: save model.state_dict() alone", EXIT_FILE) from e
-        detail = "" if "Weights only load failed" in str(e) else f": {_first_line(e)}"  # torch's advice is not ours
         raise CLIError(f"cannot read {what} checkpoint {path!r}: it is not a state_dict saved by torch.save, nor a "
-                       f".safetensors file ({type(e).__name__}{detail})", EXIT_FILE) from e
+                       f".safetensors file ({_cause(e)})", EXIT_FILE) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -149,8 +148,7 @@ def _load_data(path: str, batch_size: int) -> tuple[list, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         hint = (": it holds pickled Python objects; save tensors only, e.g. torch.save((inputs, targets), path)"
-                if _pickled_objects(e) else f": it is not a file saved by torch.save ({type(e).__name__}"
-                + ("" if "Weights only load failed" in str(e) else f": {_first_line(e)}") + ")")
+                if _pickled_objects(e) else f": it is not a file saved by torch.save ({_cause(e)})")
         raise CLIError(f"cannot read data file {path!r}{hint}", EXIT_FILE) from e
     inputs = obj if isinstance(obj, torch.Tensor) else obj[0] if isinstance(obj, (tuple, list)) and obj else None
     if isinstance(inputs, torch.Tensor) and (inputs.dim() == 0 or len(inputs) == 0):
@@ -190,6 +188,11 @@ def _first_line(e: Exception) -> str:
     import re
 
     return re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])
+
+
+def _cause(e: Exception) -> str:
+    """``e``'s type and first line, without torch's advice to load with weights_only=False."""
+    return type(e).__name__ + ("" if "Weights only load failed" in str(e) else f": {_first_line(e)}")
 
 
 def _pickled_objects(e: Exception) -> bool:

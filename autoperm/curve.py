@@ -41,8 +41,12 @@ def accuracy_barrier(alphas: Sequence[float], accs: Sequence[float]) -> float:
 
 
 def _max(gaps: list[float]) -> float:
-    """The largest gap, NaN if any is NaN (Python's max skips a NaN that is not first)."""
-    return float("nan") if any(g != g for g in gaps) else max(gaps)
+    """The largest gap, NaN if any is NaN (Python's max skips a NaN that is not first): a diverged
+    model has no barrier, not a barrier of 0."""
+    if any(g != g for g in gaps):
+        log.warning("a value on the curve is NaN: the barrier is NaN")
+        return float("nan")
+    return max(gaps)
 
 
 def _ends(alphas, values):
@@ -51,8 +55,6 @@ def _ends(alphas, values):
         raise ValueError(f"got {len(alphas)} alphas but {len(values)} values: pass one value per alpha")
     if len(set(alphas)) != len(alphas):
         raise ValueError(f"alphas {alphas} repeat a value: pass each alpha once")
-    if any(v != v for v in values):  # NaN: a diverged model has no barrier, not a barrier of 0
-        log.warning("a value on the curve is NaN: the barrier is NaN")
     if 0 not in alphas or 1 not in alphas:
         raise ValueError("a barrier needs alpha = 0 and alpha = 1 among the alphas")
     return values[alphas.index(0)], values[alphas.index(1)]

@@ -82,9 +82,8 @@ def _train(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int, width: int)
 def run_demo(out_dir: str | Path = "autoperm_demo", epochs: int = 8, width: int = 48) -> str:
     """Train two `DemoNet`s on digits from different seeds, compile the spec, merge them (naive,
     weight matching, + REPAIR, activation matching + REPAIR / + regression) against the ensemble,
-    and write
-    ``spec.json``, ``spec.dot``, ``curve.csv`` (and ``curve.png`` when matplotlib is installed)
-    under ``out_dir``; return the report."""
+    and write ``spec.json``, ``spec.dot``, ``curve.csv`` (and ``curve.png`` when matplotlib is
+    installed) under ``out_dir``; return the report."""
     import time
 
     from .api import trace

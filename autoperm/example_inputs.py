@@ -19,7 +19,7 @@ from torch import nn
 from ._data import first_inputs
 from .frontend import normalize_inputs
 
-__all__ = ["resolve_inputs", "input_count", "infer_example_inputs", "traced_inputs", "placeholder_inputs", "same_shapes"]
+__all__ = ["resolve_inputs", "rewrite_graph", "input_count", "infer_example_inputs", "traced_inputs", "placeholder_inputs", "same_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,26 @@ def resolve_inputs(model: nn.Module, example_inputs: Any, data: Iterable | None,
     got = infer_example_inputs(model)
     log.info("example inputs inferred from the model: %s", [tuple(t.shape) for t in got])
     return got
+
+
+def rewrite_graph(model_a: nn.Module, alignment: Any, example_inputs: Any, data: Iterable | None,
+                  traced: Any = None) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    """The traced graph of ``model_a`` a rewrite (PFM, partial merging) builds on, and its inputs
+    (`resolve_inputs`): ``traced`` when given; else the alignment's graph if it was traced at the
+    inputs' shapes (`same_shapes`); else model_a traced anew at those inputs."""
+    from .frontend import capture
+
+    base = traced or getattr(alignment, "traced", None)
+    inputs = resolve_inputs(model_a, example_inputs, data, traced=base,
+                            n_inputs=input_count(alignment.spec, example_inputs, base))
+    if traced is not None:
+        return traced, inputs
+    if base is None or not same_shapes(base, inputs):
+        if base is not None:
+            log.info("the alignment was traced at other input shapes than %s: tracing model_a again",
+                     [tuple(t.shape) for t in inputs])
+        base = capture(model_a, inputs)
+    return base, inputs
 
 
 def input_count(spec: Any, example_inputs: Any, traced: Any = None) -> int:

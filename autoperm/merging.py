@@ -21,7 +21,7 @@ from ._data import first_inputs, float_dtype, stat_inputs
 from .analysis import analyze_with_sites
 from .errors import ExampleInputError, ShapeMismatchError
 from .example_inputs import input_count, resolve_inputs
-from .frontend import capture, normalize_inputs
+from .frontend import capture
 from .match import NEEDS_GRAPH, Alignment, MatchContext, check_method_args, run_matcher
 from .merge import (average_states, calibrate_biases, check_compatible, count_layers, remove_biases,
                     reset_batchnorm)
@@ -112,11 +112,7 @@ def match(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec | None =
         al = autoperm.match(model_a, model_b, method="ste", data=loader, loss_fn=F.cross_entropy)
         al = autoperm.match(model_a, model_b, starts=1, max_iter=1)   # fast: one pass of one descent
     """
-    if max_iter != 100 and method not in ("weight", "ste"):
-        raise ValueError(f"max_iter= is used only by method='weight' and method='ste', not by "
-                         f"method={method!r}: drop it")
-    if features != "pre" and method != "activation":
-        raise ValueError(f"features= is used only by method='activation', not by method={method!r}: drop it")
+    # not in check_method_args: merge hands the matcher its data for the normalization too
     if method == "sinkhorn" and data is not None and loss_fn is None:
         raise ValueError("method='sinkhorn' uses data= only with loss_fn= (the midpoint loss); without it the "
                          "weight distance is minimized and data would be ignored: pass loss_fn= or drop data=")
@@ -141,7 +137,7 @@ def match_compiled(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec
         raise ValueError(f"seed={seed!r}: pass an integer (it seeds the random choices of the matcher)")
     data = _reiterable(data)
     n_inputs = input_count(spec, example_inputs)
-    check_method_args(method, data, loss_fn, steps, lr, n_inputs, starts, tol)
+    check_method_args(method, data, loss_fn, steps, lr, n_inputs, starts, tol, max_iter, features)
     ctx = MatchContext(spec, model_a.state_dict(), model_b.state_dict(), seed, max_iter, data, features=features,
                        loss_fn=loss_fn, steps=steps, lr=lr, model_a=model_a, n_inputs=n_inputs,
                        starts=starts, tol=tol)
@@ -356,4 +352,4 @@ def combine(model_a: nn.Module, states: list, weights: list[float], al: Alignmen
         _warn_once("bn", "BatchNorm statistics were interpolated, which usually breaks a merged model; "
                    "normalize='reset' with data= (on the command line: --normalize reset --data FILE) "
                    "recomputes them")
-    return match_modes(merged.train(model_a.training), model_a)
+    return match_modes(merged, model_a)  # reset_batchnorm leaves it in eval mode

@@ -49,3 +49,16 @@ def trained_mlps(seeds):
             opt.step()
         models.append(m.eval())
     return models, x, y
+
+
+def random_batchnorms(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm's running statistics, weight and bias drawn at random (in
+    place): default zeros and ones would hide a fit that ignores a BatchNorm's shift or scale."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-1, 1)
+    return model

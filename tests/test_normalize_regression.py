@@ -22,7 +22,7 @@ from autoperm.merge.regression import find_fit_layers, regression_state
 from autoperm.frontend import capture
 from autoperm.rewrite import original_state_dict, pfm_merge
 from autoperm.verify import output_error
-from helpers import state_snapshot
+from helpers import random_batchnorms, state_snapshot
 
 
 def linear_mlp(seed, hidden=12):
@@ -34,13 +34,8 @@ def linear_bn_mlp(seed):
     """Linear (no bias) -> BatchNorm1d -> Linear: the first layer is fit through the BatchNorm, its
     intercept landing in the running mean."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(5, 12, bias=False), nn.BatchNorm1d(12), nn.Linear(12, 3)).double().eval()
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-1, 1)
-        model[1].running_var.uniform_(0.5, 2)
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-1, 1)
-    return model
+    return random_batchnorms(nn.Sequential(nn.Linear(5, 12, bias=False), nn.BatchNorm1d(12),
+                                           nn.Linear(12, 3)).double().eval())
 
 
 def linear_cnn(seed, bn=False):
@@ -50,15 +45,7 @@ def linear_cnn(seed, bn=False):
     torch.manual_seed(seed)
     layers = [nn.Conv2d(1, 10, 3, bias=not bn)] + ([nn.BatchNorm2d(10)] if bn else []) + \
         [nn.Conv2d(10, 4, 3, bias=not bn)] + ([nn.BatchNorm2d(4)] if bn else [])
-    model = nn.Sequential(*layers).double().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-1, 1)
-    return model
+    return random_batchnorms(nn.Sequential(*layers).double().eval())
 
 
 @pytest.mark.parametrize("make,shape", [(linear_mlp, (5,)), (linear_mlp, (7, 5)), (linear_bn_mlp, (5,)),
@@ -104,13 +91,7 @@ class Mixed(nn.Module):
 
 def mixed(seed):
     torch.manual_seed(seed)
-    m = Mixed().double().eval()
-    with torch.no_grad():
-        m.bn.running_mean.uniform_(-1, 1)
-        m.bn.running_var.uniform_(0.5, 2)
-        m.bn.weight.uniform_(0.5, 1.5)
-        m.bn.bias.uniform_(-1, 1)
-    return m
+    return random_batchnorms(Mixed().double().eval())
 
 
 def _grad_at(layer, inp, goal, bn=None):

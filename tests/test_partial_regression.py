@@ -14,7 +14,7 @@ from torch import nn
 import autoperm
 from autoperm.rewrite.partial import partial_widen
 from autoperm.verify import output_error
-from helpers import state_snapshot
+from helpers import random_batchnorms, state_snapshot
 
 
 def mlp(seed, act=True):
@@ -25,14 +25,8 @@ def mlp(seed, act=True):
 
 def cnn(seed):
     torch.manual_seed(seed)
-    m = nn.Sequential(nn.Conv2d(1, 10, 3, bias=False), nn.BatchNorm2d(10), nn.Conv2d(10, 4, 3), nn.Flatten(),
-                      nn.Linear(4 * 5 * 5, 3)).double().eval()
-    with torch.no_grad():
-        m[1].running_mean.uniform_(-1, 1)
-        m[1].running_var.uniform_(0.5, 2)
-        m[1].weight.uniform_(0.5, 1.5)
-        m[1].bias.uniform_(-1, 1)
-    return m
+    return random_batchnorms(nn.Sequential(nn.Conv2d(1, 10, 3, bias=False), nn.BatchNorm2d(10), nn.Conv2d(10, 4, 3),
+                                           nn.Flatten(), nn.Linear(4 * 5 * 5, 3)).double().eval())
 
 
 def _setup(make, shape):

@@ -122,7 +122,8 @@ _LOSS_METHODS = {"sinkhorn", "ste"}
 
 
 def check_method_args(method: str, data: Any, loss_fn: Any, steps: Any = None, lr: Any = None,
-                      n_inputs: int = 1, starts: Any = None, tol: Any = None) -> None:
+                      n_inputs: int = 1, starts: Any = None, tol: Any = None, max_iter: Any = 100,
+                      features: Any = "pre") -> None:
     """Raise a ValueError naming the parameter when ``method`` lacks what it needs (or gets an
     option it does not use). Cheap: run before any tracing."""
     if method not in METHODS:
@@ -130,6 +131,11 @@ def check_method_args(method: str, data: Any, loss_fn: Any, steps: Any = None, l
     for name, value in (("starts", starts), ("tol", tol)):
         if value is not None and method != "weight":
             raise ValueError(f"{name}= is used only by method='weight', not by method={method!r}: drop it")
+    if max_iter != 100 and method not in ("weight", "ste"):  # 100: the default, given or not
+        raise ValueError(f"max_iter= is used only by method='weight' and method='ste', not by method={method!r}: "
+                         "drop it")
+    if features != "pre" and method != "activation":
+        raise ValueError(f"features= is used only by method='activation', not by method={method!r}: drop it")
     if starts is not None and (isinstance(starts, bool) or starts not in (1, 2)):
         raise ValueError(f"starts={starts!r}: pass 1 (one descent from the identity, the fast option) or 2")
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1):
@@ -163,7 +169,8 @@ def check_method_args(method: str, data: Any, loss_fn: Any, steps: Any = None, l
 
 
 def run_matcher(method: str, ctx: MatchContext) -> tuple[dict[str, torch.Tensor], list[float]]:
-    check_method_args(method, ctx.data, ctx.loss_fn, ctx.steps, ctx.lr, ctx.n_inputs, ctx.starts, ctx.tol)
+    check_method_args(method, ctx.data, ctx.loss_fn, ctx.steps, ctx.lr, ctx.n_inputs, ctx.starts, ctx.tol,
+                      ctx.max_iter, ctx.features)
     perms, history = METHODS[method](ctx)
     if method in REFINED and has_children(ctx.spec):  # one head_dim permutation per head
         perms, more = refine_children(method, ctx, perms)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._copy import copy_module
-from ..example_inputs import input_count, resolve_inputs, same_shapes
+from ..example_inputs import rewrite_graph
 from ..frontend import capture
 from ..merge import interpolate_state
 from ..merge.normalize import has_batchnorm
@@ -61,11 +61,7 @@ def pfm_merge(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float
     check_ridge(ridge, normalize)
     if data is not None and iter(data) is data:
         data = list(data)
-    tg = getattr(alignment, "traced", None)
-    inputs = resolve_inputs(model_a, example_inputs, data, traced=tg,
-                            n_inputs=input_count(alignment.spec, example_inputs, tg))
-    if tg is None or not same_shapes(tg, inputs):  # a rewrite builds on a graph traced at these inputs
-        tg = capture(model_a, inputs)
+    tg, inputs = rewrite_graph(model_a, alignment, example_inputs, data)
     sa = model_a.state_dict()
     aligned_b = permute_state_dict(model_b.state_dict(), alignment.spec, alignment.perms)
     states = {"model_a": sa, "model_b": aligned_b, "merged": interpolate_state(sa, aligned_b, alpha)}

@@ -51,8 +51,8 @@ from torch import nn
 from .._copy import copy_module
 from ..analysis import analyze_with_sites
 from ..errors import AutopermError
-from ..example_inputs import input_count, resolve_inputs, same_shapes
-from ..frontend import TracedGraph, capture
+from ..example_inputs import rewrite_graph
+from ..frontend import TracedGraph
 from ..permute import apply_axis, unit_rows
 from ..verify import output_error
 from ..match.hierarchical import absorb_children
@@ -173,25 +173,6 @@ def _similarities(spec, tg, sites, wanted, state_a, state_b, perms, data, n_inpu
     return out
 
 
-def widen_graph(model_a: nn.Module, alignment, example_inputs: Any, data: list | None,
-                traced: TracedGraph | None = None) -> tuple[TracedGraph, tuple[torch.Tensor, ...]]:
-    """The graph a partial merge of ``model_a`` builds on, and its inputs: ``traced`` when given;
-    else the alignment's graph if it was traced at the inputs' shapes (`resolve_inputs`); else
-    model_a traced anew at those inputs."""
-    spec = alignment.spec
-    base = traced or getattr(alignment, "traced", None)
-    inputs = resolve_inputs(model_a, example_inputs, data, traced=base,
-                            n_inputs=input_count(spec, example_inputs, base))
-    if traced is not None:
-        return traced, inputs
-    if base is None or not same_shapes(base, inputs):  # the widening builds on a graph traced at these inputs
-        if base is not None:
-            log.info("partial merge: the alignment was traced at other input shapes than %s; tracing model_a again",
-                     [tuple(t.shape) for t in inputs])
-        base = capture(model_a, inputs)
-    return base, inputs
-
-
 def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: float = 0.5,
                   partial: float | Mapping[str, float] = 0.5, normalize: str | None = None,
                   data: Iterable | None = None, example_inputs: Any = None, assignment: str = "forced",
@@ -219,7 +200,7 @@ def partial_widen(model_a: nn.Module, model_b: nn.Module, alignment, *, alpha: f
     data = list(data) if data is not None else None
     if normalize is not None and not data:
         raise ValueError(f"normalize={normalize!r} measures activations and needs data=")
-    tg, inputs = widen_graph(model_a, alignment, example_inputs, data, traced)
+    tg, inputs = rewrite_graph(model_a, alignment, example_inputs, data, traced)
     compiled, sites = analyze_with_sites(tg)
     if [(g.name, g.size) for g in compiled.groups] != [(g.name, g.size) for g in spec.groups]:
         raise ValueError("the alignment's spec does not match model_a's traced graph; match the models again")

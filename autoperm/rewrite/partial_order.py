@@ -104,7 +104,8 @@ def benefit_factors(model_a: nn.Module, model_b: nn.Module, alignment, data: Ite
                     groups: Iterable[str] | None = None, **partial_kwargs) -> dict[str, Benefit]:
     """Widen each group alone by ``gamma`` and measure ``evaluate`` (one number, higher is better,
     e.g. accuracy) against the full merge. Groups that cannot be widened are left out."""
-    from .partial import partial_widen, widen_graph
+    from ..example_inputs import rewrite_graph
+    from .partial import partial_widen
 
     if data is None:
         raise ValueError("data=None: pass the batches the partial merges are built and normalized with "
@@ -112,8 +113,8 @@ def benefit_factors(model_a: nn.Module, model_b: nn.Module, alignment, data: Ite
     data = list(data)
     spec = alignment.spec
     names = list(groups) if groups is not None else [g.name for g in spec.groups]
-    partial_kwargs["traced"], _ = widen_graph(model_a, alignment, example_inputs, data,
-                                              partial_kwargs.get("traced"))  # traced once for every trial
+    partial_kwargs["traced"], _ = rewrite_graph(model_a, alignment, example_inputs, data,
+                                                partial_kwargs.get("traced"))  # traced once for every trial
     common = dict(alpha=alpha, normalize=normalize, data=data, example_inputs=example_inputs, **partial_kwargs)
     base = partial_widen(model_a, model_b, alignment, partial=0.0, **common)
     score0 = _metric(evaluate(base.module))
@@ -223,7 +224,8 @@ def benefit_greedy(model_a: nn.Module, model_b: nn.Module, alignment, data: Iter
                               normalize="repair")
         merged = autoperm.merge(a, b, alignment=al, partial=path.gammas, normalize="repair", data=batches)
     """
-    from .partial import partial_widen, widen_graph
+    from ..example_inputs import rewrite_graph
+    from .partial import partial_widen
 
     _check_budget(budget)
     if isinstance(step, bool) or not isinstance(step, numbers.Real) or not 0.01 <= float(step) <= 1.0:
@@ -241,8 +243,8 @@ def benefit_greedy(model_a: nn.Module, model_b: nn.Module, alignment, data: Iter
     unknown = [n for n in names if n not in {g.name for g in spec.groups}]
     if unknown:
         raise ValueError(f"groups={unknown!r}: not groups of the alignment's spec; see alignment.spec.groups")
-    partial_kwargs["traced"], _ = widen_graph(model_a, alignment, example_inputs, data,
-                                              partial_kwargs.get("traced"))  # traced once for every trial
+    partial_kwargs["traced"], _ = rewrite_graph(model_a, alignment, example_inputs, data,
+                                                partial_kwargs.get("traced"))  # traced once for every trial
     common = dict(alpha=alpha, normalize=normalize, data=data, example_inputs=example_inputs, **partial_kwargs)
     full = partial_widen(model_a, model_b, alignment, partial=0.0, **common)
     base, limit = full.params_base, (1.0 + float(budget)) * full.params_base
