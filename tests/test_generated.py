@@ -8,6 +8,7 @@ together with the partition a careful human would write. The compiler must recov
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -113,10 +114,7 @@ def architectures(draw):
     return model.eval(), {frozenset(g) for g in groups}
 
 
-@settings(max_examples=200, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(architectures(), st.integers(0, 2**16))
-def test_generated_partition_is_recovered_and_sound(arch, seed):
+def _check_generated(arch, seed):
     model, expected = arch
     x = torch.randn(3, IN)
     spec = autoperm.trace(model, x, verify=False)
@@ -125,3 +123,21 @@ def test_generated_partition_is_recovered_and_sound(arch, seed):
     perms = autoperm.random_permutation(spec, seed, derangement=True)
     err = autoperm.check_equivalence(m64, spec, perms, float64_inputs((x,)))
     assert err < 1e-9, f"unsound spec: permuted output differs by {err:.2e}"
+
+
+_SETTINGS = dict(deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@settings(max_examples=60, **_SETTINGS)
+@given(architectures(), st.integers(0, 2**16))
+def test_generated_partition_is_recovered_and_sound(arch, seed):
+    """60 derandomized architectures in the default run; the slow variant below runs 300."""
+    _check_generated(arch, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, **_SETTINGS)
+@given(architectures(), st.integers(0, 2**16))
+def test_generated_partition_sweep(arch, seed):
+    _check_generated(arch, seed)

@@ -51,9 +51,7 @@ def _setup(name: str, method: str = "weight"):
 
 
 # models whose widened groups meet only unit-local ops: the limits are exact
-EXACT = ["mlp", "vgg", "glu", "functional", pytest.param("resnet20", marks=pytest.mark.slow),
-         pytest.param("densenet", marks=pytest.mark.slow), pytest.param("unet", marks=pytest.mark.slow),
-         pytest.param("shufflenet", marks=pytest.mark.slow), pytest.param("mobilenetv2", marks=pytest.mark.slow)]
+EXACT = ["mlp", "vgg", "glu", "functional", "resnet20", "densenet", "unet", "shufflenet", "mobilenetv2"]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -77,11 +75,7 @@ def test_limits_are_full_merge_and_ensemble(name):
 # measured and documented (docs/api.md), never hidden. Values with seeds 10 / 11, alpha 0.3.
 GAPS = {"mlp_norms_prelu": "LayerNorm", "convnext": "LayerNorm", "vit": "LayerNorm", "groupnorm": "GroupNorm",
         "hand_attention": "q.k"}
-SLOW_GAPS = {"convnext", "groupnorm"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_GAPS else n
-                                  for n in sorted(GAPS)])
+@pytest.mark.parametrize("name", sorted(GAPS))
 def test_nonlocal_models_report_their_gap(name):
     a, b, x, al, ens = _setup(name, "identity")
     full = autoperm.merge(a, b, alpha=ALPHA, alignment=al)

@@ -75,7 +75,6 @@ def test_pfm_limits(name):
     check_limits(name)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(set(ZOO) - set(FAST)))
 def test_pfm_limits_zoo(name):
     check_limits(name)
