@@ -232,3 +232,57 @@ def test_weight_matching_picks_its_starts_by_size(monkeypatch):
     assert weight_module.last_profile["starts"] == 1
     _, h_one = weight_module.weight_matching(spec, a.state_dict(), b.state_dict(), starts=1)
     assert h_big == h_one
+
+
+def test_same_rows_order_finds_a_permutation_of_rows_and_refuses_anything_else():
+    """The invariant start's shortcut: B's unit rows are A's in another order -> that order
+    (checked against the planted one); a changed row, rows of another shape or a NaN -> None,
+    so that the assignment is solved instead."""
+    from autoperm.match.descent import same_rows_order
+
+    g = torch.Generator().manual_seed(0)
+    a, c = torch.randn(40, 7, generator=g), torch.randn(40, 1, generator=g)
+    p = torch.randperm(40, generator=g)
+    r = same_rows_order([(a, a[p]), (c, c[p])])
+    assert torch.equal(p[r], torch.arange(40))        # b[r[i]] = a[p[r[i]]] = a[i]
+    b = a[p].clone()
+    b[3, 2] += 1e-3                                    # one entry off: no longer a permuted copy
+    assert same_rows_order([(a, b), (c, c[p])]) is None
+    assert same_rows_order([(a, a[p]), (c, c)]) is None   # the second pair in another order
+    assert same_rows_order([(a, a[p, :6])]) is None
+    nan = a[p].clone()
+    nan[0, 0] = float("nan")
+    assert same_rows_order([(a, nan)]) is None
+
+
+def test_weight_matching_stops_at_the_upper_bound(monkeypatch):
+    """A descent stops once the objective reaches |A| |B| (nothing can gain more), and the
+    invariant start's sorted shortcut gives the same permutations as solving every assignment."""
+    from autoperm.match import descent as descent_module
+    from autoperm.match import weight as weight_module
+
+    factory, _ = ZOO["mha"]
+    torch.manual_seed(12)
+    model = factory()
+    spec = planted("mha")[1]
+    perms = autoperm.random_permutation(spec, seed=4, derangement=True)
+    copy = autoperm.permute(model, spec, perms)
+    truth = autoperm.invert(perms, spec)
+    found, history = weight_module.weight_matching(spec, model.state_dict(), copy.state_dict())
+    bound = (sum(float(t.double().pow(2).sum()) for k, t in model.state_dict().items()
+                 if k in {ax.tensor for g in spec.groups for ax in g.axes}))
+    assert history[-1] == pytest.approx(bound, rel=1e-9)
+    assert all(torch.equal(found[g], truth[g]) for g in truth)
+    assert weight_module.last_profile["starts"] == 3 and weight_module.last_profile["sorted"] > 0
+    vgg = ZOO["vgg"][0]()
+    vspec = planted("vgg")[1]
+    vperms = autoperm.random_permutation(vspec, seed=4, derangement=True)
+    vfound, vhistory = weight_module.weight_matching(vspec, vgg.state_dict(),
+                                                     autoperm.permute(vgg, vspec, vperms).state_dict())
+    # the pass that reached the bound is the last: no confirming pass without change, no second start
+    assert all(x < y for x, y in zip(vhistory, vhistory[1:])), vhistory
+    assert weight_module.last_profile["passes"] == len(vhistory)
+    assert all(torch.equal(vfound[g], autoperm.invert(vperms, vspec)[g]) for g in vperms)
+    monkeypatch.setattr(descent_module, "same_rows_order", lambda pairs: None)
+    slow, _ = weight_module.weight_matching(spec, model.state_dict(), copy.state_dict())
+    assert all(torch.equal(slow[g], found[g]) for g in found)

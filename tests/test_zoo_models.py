@@ -95,6 +95,7 @@ def test_weight_matching_recovers_a_permuted_copy_where_the_identity_start_stick
     assert sum(not torch.equal(stuck[g], truth[g]) for g in truth) > len(truth) // 2
     found = autoperm.match(model, copy, spec)
     assert weight_module.last_profile["starts"] == 2   # the identity start, then the independent one
+    assert weight_module.last_profile.get("sorted", 0) > 0  # units matched by sorting, not by an assignment
     assert all(torch.equal(found.perms[g], truth[g]) for g in truth)
     other, _ = load(name, image_size=64)
     autoperm.match(model, other, spec)

@@ -67,9 +67,11 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     group index and within-group units) trap plain coordinate descent: with head_dim wrong, no
     head assignment scores well. So after a first descent those groups are re-solved with a cost
     that sums out the dim's other factors (invariant to the other group), and the descent is run
-    again from there; the better of the two results is kept. The second start and the restart
-    are skipped when the first descent reaches the upper bound ``|A| |B|`` (Cauchy-Schwarz: B is
-    then a permuted copy of A, up to scale, and nothing can score more).
+    again from there; the better of the two results is kept. A descent stops, and the later
+    starts and the restart are skipped, once the objective reaches the upper bound ``|A| |B|``
+    (Cauchy-Schwarz: B is then a permuted copy of A, up to scale, and nothing can score more).
+    The invariant start sorts units whose invariant features are A's in another order instead of
+    solving an assignment (a self-permuted torchvision vit_b_16 at 64x64: 154 s -> 29 s).
     ``tol`` (default 0: run until a pass changes no permutation, the stopping rule of the Git
     Bi-sect reproduction) stops a descent once a pass gains less than ``tol`` times the objective;
     ``max_iter`` caps the passes per descent (the first pass alone already beats snimu's rebasin
@@ -112,6 +114,9 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         if history2[-1] > history[-1]:
             perms, history = dict(state.perms), history + history2
     sharing = _factor_sharing(spec)
+    if sharing and history[-1] >= (1 - 1e-9) * state.bound():
+        log.info("weight matching: the objective reached its upper bound |A| |B|; no restart needed")
+        sharing = []
     if sharing:
         state = Descent(spec, a, b, perms, profile)
         for g in sorted(sharing, key=lambda g: min(ax.inner for ax in g.axes)):
