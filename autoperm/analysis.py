@@ -29,9 +29,10 @@ import torch
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from ._invariance import constant_dims
 from .errors import AnalysisError, UnsupportedOpError
+from .batch_twin import keep_shared_groups
 from .frontend import TracedGraph, node_origin
 from .hierarchy import find_children
-from .ir import AtomTable, _same as same_size
+from .ir import AtomTable, SymbolicSizeError, _same as same_size
 from .rules.base import RuleContext, op_name, rule_for, sizes_of
 from .rules.base import packet_name as _packet_name
 from .spec import Axis, Frozen, PermGroup, PermutationSpec
@@ -137,6 +138,11 @@ def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Cou
                 record[node] = constraints
             for c in constraints:
                 table.apply(c)
+        except SymbolicSizeError as e:  # sizes of batch arithmetic the rule cannot prove equal: freeze
+            why = f"{op_name(node.target)} at {origin} mixes sizes that depend on the batch ({e})"
+            log.info("%s: its dims were frozen", why)
+            for a in _node_tensors(node, values) + _flat(values[node]):
+                table.freeze(a, why)
         except AnalysisError as e:
             raise AnalysisError(f"rule {entry.fn.__name__} for {op_name(node.target)} at {origin}: {e}") from e
         except Exception as e:
@@ -281,4 +287,21 @@ def _compile(tg: TracedGraph, strict: bool, hierarchical: bool = False) -> tuple
                       "torch": torch.__version__, "unsupported_ops": dict(unsupported)})
     for op, n in unsupported.items():
         log.info("no rule for %s (%d nodes): its dims were frozen", op, n)
-    return spec.validate(), _sites(tg, table, values, names)
+    sites = _sites(tg, table, values, names)
+    if tg.twin is not None:  # exported at a fixed batch: keep what holds at another batch size too
+        twin, _ = _compile(tg.twin, strict, hierarchical)
+        batch, other = _batch_of(tg), _batch_of(tg.twin)
+        spec, sites = keep_shared_groups(spec, sites, twin, (
+            f"the graph fixes the batch at {batch} and this group differs at batch {other} (a reshape mixing the "
+            "batch with features?), so it does not hold at every batch size"))
+        spec.meta["static_batch"] = batch
+    return spec.validate(), sites
+
+
+def _batch_of(tg: TracedGraph) -> int | None:
+    for node in tg.graph.nodes:
+        if node.op == "placeholder" and node.name in tg.user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0:
+                return int(val.shape[0])
+    return None

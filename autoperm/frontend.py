@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._capture_checks import attribute_tensors, batch_reason, kept_caches, relaid_keys
+from .batch_twin import twin_inputs
 from ._copy import copy_module
 from ._split_stacked import split_stacked
 from .errors import ExampleInputError, TraceError
@@ -60,6 +61,9 @@ class TracedGraph:
     # state_dict keys the eager forward changed without the graph recording it (``.data =``, a write
     # behind a Python flag, a hook) -> why: the analysis freezes them
     unrecorded: dict[str, str] = field(default_factory=dict)
+    # a graph exported at a fixed batch: the same model exported with one more example
+    # (`autoperm.batch_twin`); the analysis keeps only the groups both graphs agree on
+    twin: "TracedGraph | None" = None
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -218,6 +222,8 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
         why = (f"the forward caches tensors computed from the weights in {', '.join(stale[:3])}, which a permuted "
                "or merged copy would keep; clear them in train() (as timm's LeViT does) to make the model permutable")
         tg.unrecorded.update({k: why for k in tg.state_keys.values()})
+    if not dynamic:
+        _attach_twin(tg, model, work, inputs)
     if batch_why:
         log.warning("%s: every dim is frozen", batch_why)
         tg.unrecorded.update({k: batch_why for k in tg.state_keys.values()})
@@ -226,6 +232,36 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
         log.warning("the state_dict entries %s are not the module's own tensors: frozen", sorted(relaid))
         tg.unrecorded.update(relaid)
     return tg
+
+
+def _attach_twin(tg: TracedGraph, model: nn.Module, work: nn.Module, inputs) -> None:
+    """For a graph exported at a fixed batch: export the model again with one more example
+    (`autoperm.batch_twin`) into ``tg.twin``; a model that raises at that batch size runs at its
+    example's batch only (no twin); one that runs but cannot be exported there is frozen."""
+    more = twin_inputs(inputs)
+    if more is None:
+        return
+    batch = inputs[0].shape[0]
+    try:
+        with torch.no_grad():
+            copy_module(work)(*(t.clone() for t in more))
+    except Exception as e:
+        log.info("the model raises at batch %d (%s: %s): its spec holds at batch %d, the example's, only",
+                 batch + 1, type(e).__name__, e, batch)
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            ep = _export(copy_module(work), more, False).run_decompositions({})
+    except Exception as e:
+        why = (f"the graph fixes the batch at {batch} and could not be exported at batch {batch + 1} "
+               f"({type(e).__name__}) to check which groups hold at other batch sizes")
+        log.warning("%s: every dim is frozen", why)
+        tg.unrecorded.update({k: why for k in tg.state_keys.values()})
+        return
+    log.info("the graph fixes the batch at %d: compiled again at batch %d to keep only groups that hold at both",
+             batch, batch + 1)
+    tg.twin = _wrap(ep, model, False)
 
 
 def _fingerprints(model: nn.Module) -> dict[str, tuple]:
@@ -250,6 +286,10 @@ def _export_program(model: nn.Module, work: nn.Module, inputs, batched, dynamic:
             log.info("export with a dynamic batch failed (%s); retrying with a static batch",
                      str(first).splitlines()[0] if str(first) else type(first).__name__)
             ep, dynamic = _export(work, inputs, False), False
+        if dynamic and not _symbolic_batch(ep):  # Dim.AUTO specialized it: int(x.shape[0]) and the like
+            log.info("torch.export fixed the batch size (the forward makes a Python int of it?); "
+                     "exporting at the example's batch instead")
+            ep, dynamic = _export(work, inputs, False), False
         ep = ep.run_decompositions({})
     except Exception as e:
         head = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -260,6 +300,16 @@ def _export_program(model: nn.Module, work: nn.Module, inputs, batched, dynamic:
             "names or written to two buffers, writes through .data or hooks; or trace a submodule "
             "that has none of these.") from e
     return ep, dynamic
+
+
+def _symbolic_batch(ep) -> bool:
+    """Whether every user input's batch dim is symbolic in the exported program."""
+    from torch.export.graph_signature import InputKind
+
+    users = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    vals = [n.meta.get("val") for n in ep.graph_module.graph.nodes if n.op == "placeholder" and n.name in users]
+    return all(isinstance(v, torch.Tensor) and v.dim() > 0 and isinstance(v.shape[0], torch.SymInt)
+               and not v.shape[0].node.expr.is_number for v in vals)  # a SymInt specialized to a number
 
 
 def _wrap(ep, model: nn.Module, dynamic: bool) -> TracedGraph:

@@ -88,6 +88,11 @@ def _is_int(s: Size) -> bool:
     return isinstance(s, int) or (hasattr(s, "is_Integer") and bool(s.is_Integer))
 
 
+class SymbolicSizeError(AnalysisError):
+    """Two sizes a rule ties are not provably equal, and one of them is symbolic (batch
+    arithmetic such as ``s // 2``): the node's dims are frozen instead (`autoperm.analysis`)."""
+
+
 class AtomTable:
     """Union-find over atoms with sizes, structures and freeze reasons."""
 
@@ -147,8 +152,9 @@ class AtomTable:
         kept = [p for p in parts if self._size[p] != unit]
         total = _prod([self._size[p] for p in kept]) if kind == "prod" else sum(self._size[p] for p in kept)
         if not _same(total, self._size[a]):
-            raise AnalysisError(f"composition {kind}{[self._size[p] for p in kept]} does not "
-                                f"match atom size {self._size[a]}")
+            err = AnalysisError if _is_int(total) and _is_int(self._size[a]) else SymbolicSizeError
+            raise err(f"composition {kind}{[self._size[p] for p in kept]} does not "
+                      f"match atom size {self._size[a]}")
         if len(kept) <= 1:
             if kept:
                 self.tie(a, kept[0])
@@ -159,7 +165,8 @@ class AtomTable:
 
     def tie(self, a: int, b: int) -> None:
         if not _same(self._size[a], self._size[b]):
-            raise AnalysisError(f"cannot tie atoms of sizes {self._size[a]} and {self._size[b]}")
+            err = AnalysisError if _is_int(self._size[a]) and _is_int(self._size[b]) else SymbolicSizeError
+            raise err(f"cannot tie atoms of sizes {self._size[a]} and {self._size[b]}")
         self._pending.append((a, b))
         while self._pending:
             x, y = self._pending.pop()

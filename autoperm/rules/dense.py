@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..ir import Compose, Constraint, Tie
 from .base import RuleContext, aten_ops, register_rule
+from .pointwise import broadcast_to_out
 
 __all__ = ["matmul_constraints"]
 
@@ -23,10 +24,11 @@ def linear(ctx: RuleContext) -> list[Constraint]:
     x, w, out = ctx.atoms(ctx.arg("input")), ctx.atoms(ctx.arg("weight")), ctx.out
     b = ctx.atoms(ctx.arg("bias"))
     if len(w) == 1:
-        return [Tie(x[-1], w[0])] + ctx.tie_all(x[:-1], out)
-    cons = [Tie(x[-1], w[1]), Tie(w[0], out[-1])] + ctx.tie_all(x[:-1], out[:-1])
-    if b is not None:
-        cons.append(Tie(b[-1], out[-1]))
+        cons = [Tie(x[-1], w[0])] + ctx.tie_all(x[:-1], out)
+    else:
+        cons = [Tie(x[-1], w[1]), Tie(w[0], out[-1])] + ctx.tie_all(x[:-1], out[:-1])
+    if b is not None:  # the bias broadcasts to the output (F.linear takes a bias of one element too)
+        cons += broadcast_to_out(ctx, [b], out)
     return cons
 
 

@@ -1,0 +1,126 @@
+"""Soundness reports from an adversarial trial: graphs exported at a fixed batch size, sizes
+of batch arithmetic the rules cannot prove equal, and F.linear with a broadcast bias. Every
+spec is checked in float64 at batch sizes other than the example's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autoperm
+from autoperm import frontend
+
+
+def _max_error(model, spec, batches, features=3, seeds=3):
+    m64 = autoperm.perturbed(model, 0)
+    errs = []
+    for b in batches:
+        x = (torch.randn(b, features, dtype=torch.float64),)
+        for s in range(seeds):
+            perms = autoperm.random_permutation(spec, s, derangement=True)
+            errs.append(autoperm.check_equivalence(m64, spec, perms, x))
+    return max(errs, default=0.0)
+
+
+class StarArgs(nn.Module):
+    """``forward(*xs)``: the dynamic export fails, the graph is exported at the example's batch."""
+
+    def __init__(self, mix: bool = True):
+        super().__init__()
+        self.a, self.b, self.mix = nn.Linear(3, 6), nn.Linear(6, 2), mix
+
+    def forward(self, *xs):
+        h = self.a(xs[0])
+        return self.b(h.T.reshape(xs[0].shape[0], 6) if self.mix else h.relu())
+
+
+class IntBatch(StarArgs):
+    """``int(x.shape[0])``: torch.export specializes the batch without failing."""
+
+    def forward(self, x):
+        n = int(x.shape[0])
+        return self.b(self.a(x).T.reshape(n, 6))
+
+
+@pytest.mark.parametrize("cls", [StarArgs, IntBatch])
+def test_a_group_that_holds_at_the_example_batch_only_is_frozen(cls, monkeypatch):
+    model = cls().eval()
+    spec = autoperm.trace(model, torch.randn(3, 3))
+    assert spec.meta["dynamic_batch"] is False and spec.meta["static_batch"] == 3
+    assert not spec.groups
+    assert any("differs at batch 4" in f.reason for f in spec.frozen)
+    assert _max_error(model, spec, (3, 4, 6)) < 1e-9
+    # control: without the twin at batch 4 the compiler keeps the group, which is wrong at batch 4
+    monkeypatch.setattr(frontend, "_attach_twin", lambda *args: None)
+    unsound = autoperm.trace(model, torch.randn(3, 3))
+    assert unsound.groups   # a factor of the hidden dim, tied through the reshape at batch 3
+    assert _max_error(model, unsound, (3,)) < 1e-9
+    assert _max_error(model, unsound, (4, 6)) > 1e-3
+
+
+def test_a_fixed_batch_graph_keeps_the_groups_that_hold_at_other_batch_sizes():
+    model = StarArgs(mix=False).eval()
+    spec = autoperm.trace(model, torch.randn(3, 3))
+    assert spec.meta["static_batch"] == 3 and [g.size for g in spec.groups] == [6]
+    assert _max_error(model, spec, (2, 5)) < 1e-9
+
+
+def test_a_model_that_runs_at_its_example_batch_only_keeps_its_spec():
+    class Only3(StarArgs):
+        def forward(self, x):
+            if x.shape[0] != 3:
+                raise ValueError("batch 3 only")
+            return self.b(self.a(x).relu().reshape(int(x.shape[0]), 6))
+
+    spec = autoperm.trace(Only3().eval(), torch.randn(3, 3))
+    assert spec.meta["dynamic_batch"] is False and "static_batch" not in spec.meta
+    assert [g.size for g in spec.groups] == [6]
+
+
+class Siamese(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Linear(3, 6), nn.Linear(12, 2)
+
+    def forward(self, x):  # x: (2N, 3), two halves side by side
+        h = self.enc(x).relu()
+        a, b = h.split(x.shape[0] // 2, dim=0)
+        return self.head(torch.cat([a, b], dim=1))
+
+
+class FloorView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(3, 6), nn.Linear(4, 4), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(self.c(self.a(x).view(-1, 4)).view(x.shape[0], 6))
+
+
+@pytest.mark.parametrize("cls", [Siamese, FloorView])
+def test_unprovable_batch_arithmetic_freezes_instead_of_raising(cls):
+    """Sizes like ``s // 2`` or ``(6 * s) // (3 * s // 2)`` cannot be proven equal to others:
+    the node's dims are frozen with the reason (it raised AnalysisError before)."""
+    model = cls().eval()
+    spec = autoperm.trace(model, torch.randn(6, 3))
+    assert any("depend on the batch" in f.reason for f in spec.frozen)
+    assert _max_error(model, spec, (6, 8, 10)) < 1e-9
+
+
+def test_linear_with_a_one_element_bias_broadcasts_it():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 6)
+            self.w, self.bias = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(1))
+            self.c = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.c(F.linear(self.a(x), self.w, self.bias).relu())
+
+    model = M().eval()
+    spec = autoperm.trace(model, torch.randn(3, 3))
+    assert sorted(g.size for g in spec.groups) == [4, 6]   # the broadcast bias does not block the group of 4
+    assert _max_error(model, spec, (3, 5)) < 1e-9
