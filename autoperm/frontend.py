@@ -173,6 +173,11 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
+    empty = [i for i, t in enumerate(inputs) if t.dim() > 0 and t.shape[0] == 0]
+    if empty:
+        raise ExampleInputError(
+            f"example input {empty[0]} has batch size 0 (shape {tuple(inputs[empty[0]].shape)}): an empty batch "
+            "computes nothing, so nothing could be checked; pass at least two examples")
     lazy = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if torch.nn.parameter.is_lazy(t)]
     if lazy:

@@ -124,3 +124,11 @@ def test_linear_with_a_one_element_bias_broadcasts_it():
     spec = autoperm.trace(model, torch.randn(3, 3))
     assert sorted(g.size for g in spec.groups) == [4, 6]   # the broadcast bias does not block the group of 4
     assert _max_error(model, spec, (3, 5)) < 1e-9
+
+
+def test_an_empty_example_batch_is_refused():
+    """A batch of 0 made the verification pass vacuously (error 0.0 for any spec)."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(autoperm.ExampleInputError, match="example input 0 has batch size 0"):
+        autoperm.trace(model, torch.randn(0, 4))
+    assert autoperm.trace(model, torch.randn(2, 4)).groups   # control: a real batch traces
