@@ -132,3 +132,23 @@ def test_an_empty_example_batch_is_refused():
     with pytest.raises(autoperm.ExampleInputError, match="example input 0 has batch size 0"):
         autoperm.trace(model, torch.randn(0, 4))
     assert autoperm.trace(model, torch.randn(2, 4)).groups   # control: a real batch traces
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_weight_norm_parametrization_gets_a_rule(dim):
+    """aten._weight_norm had no rule, so a weight-normed model was frozen whole."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(3, 8), dim=dim), nn.ReLU(), weight_norm(nn.Linear(8, 2))).eval()
+    spec = autoperm.trace(model, torch.randn(3, 3))
+    assert [g.size for g in spec.groups] == [8] and not spec.meta["unsupported_ops"]
+    assert _max_error(model, spec, (3, 5)) < 1e-9
+    g = spec.groups[0]
+    magnitude = [a for a in g.axes if a.tensor == "0.parametrizations.weight.original0"]
+    if dim == 1:   # g holds one magnitude per input column: the hidden units leave it alone
+        assert not magnitude
+        return
+    # control: the same group without the first layer's per-unit magnitude g changes the function
+    assert magnitude
+    g.axes = [a for a in g.axes if a not in magnitude]
+    assert _max_error(model, spec, (3,)) > 1e-3

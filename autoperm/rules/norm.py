@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..ir import Compose, Constraint, Tie
 from .base import RuleContext, aten_ops, register_rule
+from .pointwise import broadcast_to_out
 
 
 def _per_channel(ctx: RuleContext, x: list[int], outs: list, params: list) -> list[Constraint]:
@@ -82,3 +83,15 @@ def group_norm(ctx: RuleContext) -> list[Constraint]:
 def native_group_norm(ctx: RuleContext) -> list[Constraint]:
     """Native group norm (tuple output): as group_norm, with per-group statistics."""
     return _group_norm(ctx, int(ctx.arg("group")), list(ctx.out))
+
+
+@register_rule(*aten_ops("_weight_norm"))
+def weight_norm(ctx: RuleContext) -> list[Constraint]:
+    """Weight normalization ``w = g * v / ||v||``, the norm over every dim of v but ``dim``
+    (`torch.nn.utils.parametrizations.weight_norm`): permuting ``dim`` permutes the norms with
+    v and g; permuting another dim leaves each norm (a sum of squares over it) unchanged. So
+    every dim of v follows the output's, and g (size 1 off ``dim``) broadcasts to it."""
+    v, g, out = ctx.atoms(ctx.arg("v")), ctx.atoms(ctx.arg("g")), ctx.out
+    if v is None or len(v) != len(out):
+        return ctx.freeze((v or []) + (g or []) + out, "weight norm of an unexpected shape")
+    return ctx.tie_all(v, out) + (broadcast_to_out(ctx, [g], out) if g is not None else [])
