@@ -152,3 +152,34 @@ def test_weight_norm_parametrization_gets_a_rule(dim):
     assert magnitude
     g.axes = [a for a in g.axes if a not in magnitude]
     assert _max_error(model, spec, (3,)) > 1e-3
+
+
+class Pairwise(nn.Module):
+    """Two embeddings compared by cosine similarity or pairwise distance (metric learning)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b, self.c, self.how = nn.Linear(3, 6), nn.Linear(3, 6), nn.Linear(1, 2), how
+
+    def forward(self, x):
+        ea, eb = self.a(x), self.b(x)
+        if self.how == "cosine":
+            s = F.cosine_similarity(ea, eb).unsqueeze(1)
+        elif self.how == "cosine_outer":
+            s = F.cosine_similarity(ea.unsqueeze(1), eb.unsqueeze(0), dim=-1)[:, :1]
+        else:
+            s = torch.cdist(ea.unsqueeze(0), eb.unsqueeze(0), p=1 if self.how == "cdist1" else 2)[0][:, :1]
+        return self.c(s)
+
+
+@pytest.mark.parametrize("how", ["cosine", "cosine_outer", "cdist", "cdist1"])
+def test_cosine_similarity_and_cdist_tie_the_compared_features(how):
+    """They had no rule, so both embeddings were frozen; the compared feature dim is one group."""
+    model = Pairwise(how).eval()
+    spec = autoperm.trace(model, torch.randn(3, 3))
+    assert [g.size for g in spec.groups] == [6] and not spec.meta["unsupported_ops"]
+    assert {a.tensor for a in spec.groups[0].axes} == {"a.weight", "a.bias", "b.weight", "b.bias"}
+    assert _max_error(model, spec, (3, 5)) < 1e-9
+    # control: permuting one embedding's features without the other's changes the output
+    spec.groups[0].axes = [a for a in spec.groups[0].axes if a.tensor.startswith("a.")]
+    assert _max_error(model, spec, (3,)) > 1e-3
