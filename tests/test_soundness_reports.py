@@ -4,6 +4,8 @@ spec is checked in float64 at batch sizes other than the example's."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,4 +184,33 @@ def test_cosine_similarity_and_cdist_tie_the_compared_features(how):
     assert _max_error(model, spec, (3, 5)) < 1e-9
     # control: permuting one embedding's features without the other's changes the output
     spec.groups[0].axes = [a for a in spec.groups[0].axes if a.tensor.startswith("a.")]
+    assert _max_error(model, spec, (3,)) > 1e-3
+
+
+class Interleaved(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.a, self.d, self.dim = nn.Linear(3, 6), nn.Linear(12, 4), dim
+
+    def forward(self, x):
+        h = self.a(x).relu()
+        if self.dim is None:
+            return self.d(h.repeat_interleave(2).reshape(x.shape[0], 12))
+        return self.d(h.repeat_interleave(2, dim=self.dim).reshape(x.shape[0], 12))
+
+
+@pytest.mark.parametrize("dim", [1, None])
+def test_repeat_interleave_carries_the_units_with_their_copies(dim):
+    """repeat_interleave had no rule (everything it touched was frozen): unit u's copies are
+    slots 2u and 2u + 1 of the next layer's input."""
+    model = Interleaved(dim).eval()
+    spec = autoperm.trace(model, torch.randn(3, 3))
+    hidden = [g for g in spec.groups if g.size == 6]
+    assert len(hidden) == 1 and not spec.meta["unsupported_ops"]
+    assert any(a.tensor == "d.weight" and a.inner == 2 for a in hidden[0].axes)
+    assert _max_error(model, spec, (3, 5)) < 1e-9
+    # control: moving d's columns as whole blocks of 6 (the layout of repeat, not repeat_interleave) is wrong
+    hidden[0].axes = [dataclasses.replace(a, outer=2, inner=1) if a.tensor == "d.weight" else a
+                      for a in hidden[0].axes]
+    spec.groups = hidden
     assert _max_error(model, spec, (3,)) > 1e-3

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 
 import sympy
+import torch
 
 from ..ir import Compose, Constraint, Tie
 from .base import RuleContext, aten_ops, norm_dim, register_rule
@@ -109,6 +110,19 @@ def repeat(ctx: RuleContext) -> list[Constraint]:
         else:
             cons.append(Compose(o, "prod", (ctx.fresh(ctx.size(o) // ctx.size(a)), a)))
     return cons
+
+
+@register_rule(torch.ops.aten.repeat_interleave.self_int)
+def repeat_interleave(ctx: RuleContext) -> list[Constraint]:
+    """Repeat each slot ``r`` times in place: the dim becomes ``prod(dim, copies)`` (copies
+    inner; they hold equal values, unconstrained); ``dim=None`` flattens first."""
+    x, out, r = ctx.atoms(ctx.arg("self")), ctx.out, ctx.arg("repeats")
+    d = ctx.arg("dim")
+    if d is None:
+        return [Compose(out[0], "prod", (*x, ctx.fresh(r)))]
+    d = norm_dim(d, len(x))
+    return ctx.tie_all(x[:d], out[:d]) + ctx.tie_all(x[d + 1:], out[d + 1:]) + [
+        Compose(out[d], "prod", (x[d], ctx.fresh(r)))]
 
 
 @register_rule(*aten_ops("cat", "concat", "concatenate"))
