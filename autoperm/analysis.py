@@ -139,7 +139,7 @@ def _run_rules(tg: TracedGraph, table: AtomTable, values: dict, unsupported: Cou
             for c in constraints:
                 table.apply(c)
         except SymbolicSizeError as e:  # sizes of batch arithmetic the rule cannot prove equal: freeze
-            why = f"{op_name(node.target)} at {origin} mixes sizes that depend on the batch ({e})"
+            why = f"{op_name(node.target)} mixes sizes that depend on the batch ({e}) at {origin}"
             log.info("%s: its dims were frozen", why)
             for a in _node_tensors(node, values) + _flat(values[node]):
                 table.freeze(a, why)

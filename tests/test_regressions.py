@@ -68,15 +68,20 @@ def test_symbolic_strides_differing_by_a_constant():
     assert_sound(BatchReshapes(), torch.randn(3, 6))
 
 
-def test_legacy_weight_norm_is_copied_and_frozen():
-    """The legacy weight_norm hook stores a non-leaf weight on the module: copying must work, and
-    the unknown ``_weight_norm`` op freezes what it touches."""
+def test_legacy_weight_norm_is_copied_and_permuted():
+    """The legacy weight_norm hook stores a non-leaf weight on the module, recomputed from
+    weight_g / weight_v by a pre-hook on every call: copying must work, and the ``_weight_norm``
+    rule gives the hidden group (it froze everything before the rule existed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 6)), nn.ReLU(), nn.Linear(6, 3))
-    spec = autoperm.trace(model, torch.randn(2, 8))
-    assert spec.meta["unsupported_ops"] == {"aten._weight_norm.default": 1}
-    assert spec.groups == []
+        spec = autoperm.trace(model, torch.randn(2, 8))
+        assert spec.meta["unsupported_ops"] == {}
+        assert [g.size for g in spec.groups] == [6]
+        assert {a.tensor for a in spec.groups[0].axes} >= {"0.weight_g", "0.weight_v", "2.weight"}
+        m64 = autoperm.perturbed(model, 1)
+        perms = autoperm.random_permutation(spec, 1, derangement=True)
+        assert autoperm.check_equivalence(m64, spec, perms, torch.randn(5, 8, dtype=torch.float64)) < 1e-9
 
 
 class CachesInForward(nn.Module):
