@@ -8,10 +8,11 @@ from typing import Any
 
 from torch import nn
 
+from ._args import check_bool, check_materialized, check_module, check_not_meta, check_seed
 from .analysis import analyze
 from .frontend import capture, normalize_inputs
 from .spec import PermutationSpec
-from .verify import verify_spec
+from .verify import verify_compiled
 
 __all__ = ["trace"]
 
@@ -29,7 +30,9 @@ def trace(model: nn.Module, example_inputs: Any, *, verify: bool = True, strict:
     ``strict=True`` an op without a rule raises `UnsupportedOpError` instead of being frozen.
     With ``hierarchical=True`` each attention head's head_dim group gets the heads group as its
     ``parent`` where the graph proves that every head may permute its head_dim on its own
-    (`autoperm.hierarchy`); the check then draws one permutation per head.
+    (`autoperm.hierarchy`); the check then draws one permutation per head. ``verify``, ``strict``
+    and ``hierarchical`` are bools, ``seed`` an integer (else TypeError); a model with
+    parameters on the meta device raises `TraceError` (materialize it first).
 
     Example::
 
@@ -42,7 +45,13 @@ def trace(model: nn.Module, example_inputs: Any, *, verify: bool = True, strict:
         # 2.weight  [3, 8]  .      0
         # 2.bias    [3]     .
     """
+    check_module(model, "model")
+    for name, flag in (("verify", verify), ("strict", strict), ("hierarchical", hierarchical)):
+        check_bool(flag, name)
+    seed = check_seed(seed)
+    check_materialized(model, "model")
     inputs = normalize_inputs(example_inputs)
+    check_not_meta(inputs, "example_inputs=")
     t0 = time.perf_counter()
     tg = capture(model, inputs)
     t1 = time.perf_counter()
@@ -51,7 +60,7 @@ def trace(model: nn.Module, example_inputs: Any, *, verify: bool = True, strict:
     spec.meta.update({"model": type(model).__name__, "inputs": len(inputs), "capture_s": round(t1 - t0, 4),
                       "analysis_s": round(t2 - t1, 4)})
     if verify:
-        report = verify_spec(model, spec, inputs, seed=seed)
+        report = verify_compiled(model, spec, inputs, seed=seed, arg="example_inputs=")
         spec.meta["verify_error"] = report.error
         spec.meta["verify_s"] = round(time.perf_counter() - t2, 4)
     log.info("traced %s: %d groups, %d frozen entries (capture %.2fs, analysis %.2fs)",

@@ -19,7 +19,7 @@ import logging
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import nn
 
@@ -97,7 +97,10 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float],
     """
     from .merging import _reiterable, match, merge
 
-    alphas = list(alphas)
+    alphas = _alpha_list(alphas)
+    if not callable(evaluate):
+        raise TypeError(f"evaluate must be a callable taking the merged model and returning a number or a dict of "
+                        f"numbers, got {type(evaluate).__name__}")
     bad = [a for a in alphas if isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a)]
     if not alphas or bad:
         raise ValueError(f"alphas={alphas!r}: pass finite numbers, e.g. [0, 0.25, 0.5, 0.75, 1]"
@@ -114,5 +117,30 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float],
     curve = Curve(alphas)
     for a in alphas:
         out = evaluate(merge(model_a, model_b, alpha=a, method=method, **merge_kwargs))
-        curve.values.append(dict(out) if isinstance(out, dict) else {"value": float(out)})
+        curve.values.append(dict(out) if isinstance(out, dict) else {"value": _number(out, a)})
     return curve
+
+
+def _alpha_list(alphas: Any) -> list:
+    """``alphas`` as a list: a sequence of numbers, or a 1-D tensor / NumPy array."""
+    if hasattr(alphas, "tolist") and hasattr(alphas, "ndim") and not isinstance(alphas, (str, bytes)):
+        if alphas.ndim != 1:
+            raise ValueError(f"alphas must be 1-D (one value per point of the curve), got an array of shape "
+                             f"{tuple(alphas.shape)}")
+        return alphas.tolist()
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Iterable):
+        raise TypeError(f"alphas must be a sequence of numbers, e.g. [0, 0.5, 1] or torch.linspace(0, 1, 11), got "
+                        f"{type(alphas).__name__} ({alphas!r}); for one model pass [alpha] or call autoperm.merge")
+    return list(alphas)
+
+
+def _number(out: Any, alpha: float) -> float:
+    """What ``evaluate`` returned at ``alpha`` as a float (a number, a NumPy scalar, a one-element tensor)."""
+    why: Exception | None = None
+    if not isinstance(out, (str, bytes)):
+        try:
+            return float(out)
+        except (TypeError, ValueError, RuntimeError) as e:
+            why = e
+    raise TypeError(f"evaluate must return a number or a dict of numbers; at alpha={alpha:g} it returned "
+                    f"{type(out).__name__} ({str(out)[:60]!r})") from why

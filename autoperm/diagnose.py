@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from ._copy import copy_with_state
-from ._data import batch_inputs, first_inputs
+from ._data import first_inputs, stat_inputs
 from ._progress import progress
 from ._stats import run_graph
+from .errors import ExampleInputError
 from .frontend import TracedGraph, capture, normalize_inputs
 from .merge.bias import count_layers
 from .merge.repair import _BN, Layer, _packet, channel_moments, find_layers, repair_state
@@ -154,6 +155,29 @@ def _prepare(model: nn.Module, name: str, data: Any,
     return data, inputs, n_inputs
 
 
+def _capture(model: nn.Module, name: str, inputs: tuple[torch.Tensor, ...], example_inputs: Any) -> TracedGraph:
+    """`capture`; when the inputs are the first batch of data, an ExampleInputError that says so."""
+    try:
+        return capture(model, inputs)
+    except ExampleInputError as e:
+        if example_inputs is not None:
+            raise
+        cause = e.__cause__
+        detail = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}" if cause else str(e)
+        raise ExampleInputError(
+            f"{name} raised when called on the first batch of data= (input shapes "
+            f"{[tuple(t.shape) for t in inputs]}): {detail}. Pass data= whose batches {name}'s forward accepts "
+            "(a Tensor, or a tuple whose first item is the input), or example_inputs=") from (cause or e)
+
+
+def _bad_batch(e: Exception, where: str, x: tuple[torch.Tensor, ...] | None = None) -> ExampleInputError:
+    """An ExampleInputError for a graph that raised on a batch of ``data`` (``where``: which one)."""
+    shapes = f" (input shapes {[tuple(t.shape) for t in x]})" if x is not None else ""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return ExampleInputError(f"the model raised on {where}{shapes}: {type(e).__name__}: {first}. Every batch of "
+                             "data= must hold inputs the forward accepts, like the first batch")
+
+
 def _measured(tg: TracedGraph, node_name: str) -> tuple[str, int]:
     """Where a conv / linear layer's output is measured, and its channel dim: the node itself,
     or the output of the BatchNorm that is its only user (a conv and its BatchNorm are one layer)."""
@@ -185,12 +209,15 @@ def _feature_stats(tg: TracedGraph, state, data: list, dims: dict[str, int], n_i
     """Per node: (per-channel variance, ``E||f(x) - f(0)||``) over ``data``, in float64."""
     acc = {n: [0, 0.0, 0.0, 0, 0.0] for n in dims}  # rows, sum, sum of squares, samples, sum of norms
     zeros: dict[tuple, dict[str, torch.Tensor]] = {}
-    for batch in progress(data, desc="feature statistics"):
-        x = batch_inputs(batch, n_inputs)
-        out = run_graph(tg, state, x, set(dims))
+    for i, batch in enumerate(progress(data, desc="feature statistics")):
+        x = stat_inputs(batch, n_inputs, "diagnose")
         shapes = tuple(tuple(t.shape) for t in x)
-        if shapes not in zeros:
-            zeros[shapes] = run_graph(tg, state, tuple(torch.zeros_like(t) for t in x), set(dims))
+        try:
+            out = run_graph(tg, state, x, set(dims))
+            if shapes not in zeros:
+                zeros[shapes] = run_graph(tg, state, tuple(torch.zeros_like(t) for t in x), set(dims))
+        except RuntimeError as e:
+            raise _bad_batch(e, f"batch {i} of data=", x) from e
         for node, t in out.items():
             f = t.movedim(dims[node], -1).reshape(-1, t.shape[dims[node]]).double()
             a = acc[node]
@@ -233,7 +260,7 @@ def diagnose(merged: nn.Module, endpoints: Sequence[nn.Module], data: Iterable, 
     data, inputs, n_inputs = _prepare(merged, "merged", data, example_inputs)
     endpoints = _as_models(endpoints, "endpoints")
     check_same_tensors(merged, endpoints)
-    tg = capture(merged, inputs)
+    tg = _capture(merged, "merged", inputs, example_inputs)
     counted = count_layers(tg)
     if not counted:
         raise ValueError(f"{type(merged).__name__} has no conv / linear layer in its traced graph: nothing to diagnose")
@@ -279,12 +306,16 @@ def repair(pruned: nn.Module, reference: nn.Module, data: Iterable, *, mode: str
     if not isinstance(reference, nn.Module):
         raise TypeError(f"reference must be an nn.Module (the unpruned model), got {type(reference).__name__}")
     check_same_tensors(pruned, [reference], what="reference", base="pruned", indexed=False)
-    tg = capture(pruned, inputs)
+    tg = _capture(pruned, "pruned", inputs, example_inputs)
     dense = set() if mode == "reset" else {c.weight for c in count_layers(tg)}
     layers: list[Layer] = find_layers(tg, dense)
     dense_layers = [layer for layer in layers if layer.kind == "dense"]
-    goal = channel_moments(tg, reference.state_dict(), data, dense_layers) if dense_layers else {}
-    state = repair_state(tg, pruned.state_dict(), layers, data, goal, mode="rescale" if mode == "rescale" else "repair")
+    try:
+        goal = channel_moments(tg, reference.state_dict(), data, dense_layers) if dense_layers else {}
+        state = repair_state(tg, pruned.state_dict(), layers, data, goal,
+                             mode="rescale" if mode == "rescale" else "repair")
+    except RuntimeError as e:
+        raise _bad_batch(e, "a batch of data=") from e
     log.info("%s: %d conv / linear layers, %d BatchNorm layers", mode, len(dense_layers),
              len(layers) - len(dense_layers))
     return copy_with_state(pruned, state)

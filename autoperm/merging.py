@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._args import check_seed, check_spec
 from ._copy import copy_with_state, match_modes
 from ._data import first_inputs, float_dtype, stat_inputs
 from .analysis import analyze_with_sites
@@ -31,7 +32,7 @@ from .merge.regression import check_ridge
 from .merge.repair import channel_moments, find_layers, repair_state
 from .permute import permute_state_dict
 from .spec import PermutationSpec
-from .verify import verify_spec
+from .verify import verify_compiled
 
 __all__ = ["match", "align", "merge"]
 
@@ -86,7 +87,9 @@ def _compile_a(model_a: nn.Module, spec: PermutationSpec | None, example_inputs,
         raise ValueError("this method compiles model_a's graph itself and got other groups than the "
                          "spec passed; pass spec=None")
     if spec is None:
-        verify_spec(model_a, compiled, inputs)
+        where = ("example_inputs=" if example_inputs is not None else "the first batch of data=" if data is not None
+                 else "the example inputs guessed from model_a")
+        verify_compiled(model_a, compiled, inputs, arg=where)
     return spec or compiled, traced, sites
 
 
@@ -131,10 +134,11 @@ def match_compiled(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec
     models to copies of one: one export instead of one per call); None compiles model_a.
     ``checked``: the caller has run `check_compatible` on the pair (or on models the pair is
     built from), so the tensors are not scanned again."""
+    if spec is not None:
+        check_spec(spec)
     if not checked:
         check_compatible(model_a, model_b)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"seed={seed!r}: pass an integer (it seeds the random choices of the matcher)")
+    seed = check_seed(seed)
     data = _reiterable(data)
     n_inputs = input_count(spec, example_inputs)
     check_method_args(method, data, loss_fn, steps, lr, n_inputs, starts, tol, max_iter, features)

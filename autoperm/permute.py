@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from ._args import check_bool, check_module, check_seed, check_spec
 from ._copy import copy_with_state
 from .errors import PermutationError, ShapeMismatchError
 from .spec import Axis, PermutationSpec
@@ -40,7 +41,9 @@ def random_permutation(spec: PermutationSpec, seed: int = 0, *, derangement: boo
 
         perms = random_permutation(spec, seed=0)   # {'fc1': tensor([3, 0, 2, 1, ...]), ...}
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    check_spec(spec, call="random_permutation(spec, seed)")
+    gen = torch.Generator().manual_seed(check_seed(seed))
+    check_bool(derangement, "derangement")
     out: Perms = {}
     rows = {g.name: spec.group(g.parent).size if g.parent else 0 for g in spec.groups}
     for g in spec.groups:
@@ -60,7 +63,11 @@ def _one_random(n: int, gen: torch.Generator, derangement: bool) -> torch.Tensor
 
 
 def check_permutations(spec: PermutationSpec, perms: Mapping[str, torch.Tensor]) -> None:
-    """Raise `PermutationError` naming the group if ``perms`` is missing, extra or invalid."""
+    """Raise `PermutationError` naming the group if ``perms`` is missing, extra or invalid (a
+    TypeError if ``perms`` is not a mapping)."""
+    if not isinstance(perms, Mapping):
+        raise TypeError(f"perms must be a dict {{group name: LongTensor}}, e.g. autoperm.random_permutation(spec) or "
+                        f"autoperm.match(model_a, model_b).perms; got {type(perms).__name__}")
     names = {g.name for g in spec.groups}
     extra = sorted(set(perms) - names)
     if extra:
@@ -130,6 +137,7 @@ def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
                        perms: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new state dict with every axis of ``spec`` permuted; tied aliases follow their tensor.
     A tensor of the spec that ``state`` holds with another shape raises `ShapeMismatchError`."""
+    check_spec(spec, call="permute_state_dict(state_dict, spec, perms)")
     check_permutations(spec, perms)
     for name in dict.fromkeys(ax.tensor for g in spec.groups for ax in g.axes):  # in spec order
         want = spec.shapes.get(name)
@@ -160,6 +168,8 @@ def permute(model: nn.Module, spec: PermutationSpec, perms: Mapping[str, torch.T
         model_p = permute(model, spec, random_permutation(spec, seed=1))
         torch.allclose(model_p(x), model(x))   # True
     """
+    check_module(model, "model")
+    check_spec(spec, call="permute(model, spec, perms)")
     state = model.state_dict()
     spec.check_model(state)
     new_state = permute_state_dict(state, spec, perms)

@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .._args import check_materialized
 from ..errors import SpecError
 
 __all__ = ["check_compatible", "interpolate_state", "average_states", "as_alpha"]
@@ -31,6 +32,8 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, s
             hint = (" (a state_dict?): load it into a model first, e.g. m = Net(); m.load_state_dict(sd)"
                     if isinstance(m, Mapping) else "")
             raise TypeError(f"{who} must be a torch.nn.Module, got {type(m).__name__}{hint}")
+    for who, m in ((first, model_a), (second, model_b)):
+        check_materialized(m, who)
     _note_classes(model_a, model_b, names)
     sa, sb = model_a.state_dict(), model_b.state_dict()
     for name in list(sa) + [n for n in sb if n not in sa]:
