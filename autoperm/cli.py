@@ -183,10 +183,31 @@ def _summary(name: str, inputs, spec, cov, seconds: float) -> str:
             + (f" (sizes {sizes[0]}..{sizes[-1]}, {sum(sizes)} units)" if sizes else "")
             + f", {len(spec.frozen)} frozen dims"
             + (" (top reasons: " + "; ".join(f"{r} x{n}" for r, n in top) + ")" if top else "")
-            + f". Coverage: {100 * cov.hidden_share:.1f}% of {cov.hidden_atoms} hidden channels grouped, "
-            f"{100 * cov.param_share:.1f}% of {cov.param_elements:,} parameters moved by some group. "
+            + f". Coverage: {_percent(cov.hidden_share)} of {cov.hidden_atoms} hidden channels grouped, "
+            f"{_percent(cov.param_share)} of {cov.param_elements:,} parameters moved by some group. "
             f"Traced in {seconds:.1f}s (export {meta.get('capture_s', 0):.1f}s, "
-            f"analysis {meta.get('analysis_s', 0):.2f}s{check}).")
+            f"analysis {meta.get('analysis_s', 0):.2f}s{check})." + _per_slot(spec))
+
+
+def _percent(share: float) -> str:
+    return "n/a" if share != share else f"{100 * share:.1f}%"  # nan: nothing counted (0 / 0)
+
+
+def _per_slot(spec) -> str:
+    """With ``--per-head``: the per-slot groups (one permutation per slot of their parent)."""
+    if not spec.meta.get("hierarchical"):
+        return ""
+    kids = [g for g in spec.groups if g.parent]
+    if not kids:
+        return ("\nPer slot (--per-head): no group takes one permutation per slot of another here "
+                "(no attention heads or grouped convolutions proven); the groups above act alike on every slot.")
+    sizes = {g.name: g.size for g in spec.groups}
+    lines = [f"\nPer slot (--per-head): {len(kids)} group{' takes' if len(kids) == 1 else 's take'} one permutation "
+             "per slot of their parent:"]
+    lines += [f"  {g.name} (size {g.size}): one per slot of {g.parent} ({sizes[g.parent]} slots)" for g in kids[:12]]
+    if len(kids) > 12:
+        lines.append(f"  ... {len(kids) - 12} more (--table lists them all)")
+    return "\n".join(lines)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -126,7 +126,7 @@ def run_demo(out_dir: str | Path = "autoperm_demo", epochs: int = 8, width: int 
     lines += [f"  {name.ljust(width)}  {100 * v:5.1f}%" for name, v in rows]
     lines += ["", f"accuracy barrier: naive + RESET {100 * curves['naive + RESET'].accuracy_barrier('value'):.1f} points, "
               f"weight + REPAIR {100 * curves['weight + REPAIR'].accuracy_barrier('value'):.1f} points",
-              f"wrote {out / 'spec.json'}, {out / 'spec.dot'} (dot -Tsvg {out / 'spec.dot'} -o spec.svg) "
+              f"wrote {out / 'spec.json'}, {out / 'spec.dot'} (dot -Tsvg {out / 'spec.dot'} -o {out / 'spec.svg'}) "
               f"and the interpolation curve {out / 'curve.csv'}"
               + (f", {out / 'curve.png'}" if (out / "curve.png").exists() else " (pip install matplotlib for a plot)"),
               f"done in {time.perf_counter() - t0:.0f}s"]

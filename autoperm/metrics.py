@@ -4,7 +4,11 @@
   when its index along some dim lies in the block of an axis on that dim). It can be gamed: a
   transformer's residual-stream group alone touches almost every parameter.
 * ``hidden_share``: the share of *hidden channel atoms* (output channels of conv / linear /
-  embedding layers, excluding the model's outputs) that lie in a group of size >= 2.
+  embedding layers and of `nn.MultiheadAttention`'s input projections, excluding the model's
+  outputs and an embedding's vocabulary rows, e.g. those of a tied LM head) that lie in a group
+  of size >= 2.
+
+Both are ``nan`` when nothing is counted (0 / 0).
 
 Example::
 
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .spec import PermutationSpec
+from .spec import PermutationSpec, block_slots
 
 __all__ = ["Coverage", "coverage"]
 
@@ -52,7 +56,20 @@ def _moved_elements(spec: PermutationSpec, tensor: str, shape: tuple[int, ...]) 
 
 
 def coverage(spec: PermutationSpec, model: nn.Module) -> Coverage:
-    """Both coverage measures of ``spec`` for ``model`` (the model is only read)."""
+    """Both coverage measures of ``spec`` for ``model`` (the model is only read).
+
+    ``model`` must be the model the spec was compiled for (`PermutationSpec.check_model`, else
+    `ShapeMismatchError` naming the tensor). A share whose count is empty (a model without
+    parameters, or without hidden channels) is ``nan``.
+    """
+    if not isinstance(spec, PermutationSpec):
+        hint = " (arguments swapped? call coverage(spec, model))" if isinstance(model, PermutationSpec) else ""
+        raise TypeError(f"coverage(spec=...) must be a PermutationSpec from autoperm.trace; got "
+                        f"{type(spec).__name__}{hint}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"coverage(model=...) must be the nn.Module the spec was traced from; got "
+                        f"{type(model).__name__} (for a state dict, load it into the model first)")
+    spec.check_model(model.state_dict())
     canon = {alias: c for c, names in spec.tied.items() for alias in names}
     total = moved = 0
     seen: set[str] = set()
@@ -63,16 +80,42 @@ def coverage(spec: PermutationSpec, model: nn.Module) -> Coverage:
         seen.add(key)
         total += p.numel()
         moved += _moved_elements(spec, key, tuple(p.shape))
+    atoms = _hidden_atoms(model, canon)
+    token_dims = {(key, 0) for key, dim, kind in atoms if kind == "embedding"}  # vocabulary rows, not channels
     hidden = grouped = 0
-    for mname, mod in model.named_modules():
-        dim = next((d for cls, d in _OUT_DIM.items() if isinstance(mod, cls)), None)
-        key = f"{mname}.weight" if mname else "weight"
-        key = canon.get(key, key)
-        if dim is None or key not in spec.shapes:
+    for key, dim, _ in dict.fromkeys(atoms):
+        if key not in spec.shapes or (key, dim) in token_dims:
             continue
-        outputs = {s for f in spec.frozen_of(key) if f.dim == dim and f.reason == "model output"
-                   for s in range(f.offset, f.offset + f.extent())}
-        n = spec.shapes[key][dim]
-        hidden += n - len(outputs)
+        outputs = _output_slots(spec, key, dim)
+        hidden += spec.shapes[key][dim] - len(outputs)
         grouped += len(_covered_slots(spec, key, dim, min_size=2) - outputs)
-    return Coverage(moved / total if total else 0.0, grouped / hidden if hidden else 0.0, hidden, grouped, total)
+    nan = float("nan")
+    return Coverage(moved / total if total else nan, grouped / hidden if hidden else nan, hidden, grouped, total)
+
+
+def _hidden_atoms(model: nn.Module, canon: dict[str, str]) -> list[tuple[str, int, str]]:
+    """(canonical tensor, output dim, kind) of every layer with output channels: conv / linear /
+    embedding weights, and `nn.MultiheadAttention`'s input projections."""
+    out = []
+    for mname, mod in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(mod, nn.MultiheadAttention):
+            names = ["in_proj_weight"] if mod.in_proj_weight is not None else ["q_proj_weight", "k_proj_weight",
+                                                                                "v_proj_weight"]
+            out += [(canon.get(prefix + n, prefix + n), 0, "attention") for n in names]
+            continue
+        dim = next((d for cls, d in _OUT_DIM.items() if isinstance(mod, cls)), None)
+        if dim is not None:
+            key = canon.get(prefix + "weight", prefix + "weight")
+            out.append((key, dim, "embedding" if isinstance(mod, nn.Embedding) else "layer"))
+    return out
+
+
+def _output_slots(spec: PermutationSpec, key: str, dim: int) -> set[int]:
+    """Slots of ``key``'s ``dim`` that are the model's output: frozen as "model output", or listed
+    in ``spec.meta["outputs"]`` (``[tensor, dim, offset, outer, size, inner]`` entries, which
+    record an output frozen first for another reason)."""
+    blocks = [(f.offset, f.outer, f.size, f.inner) for f in spec.frozen_of(key)
+              if f.dim == dim and f.reason == "model output"]
+    blocks += [tuple(e[2:6]) for e in spec.meta.get("outputs", ()) if e[0] == key and e[1] == dim]
+    return {int(s) for o, out, n, i in blocks for s in block_slots(o, out, n, i).flatten()}

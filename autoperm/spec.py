@@ -31,15 +31,16 @@ slot ``k // (outer / parent.size)``. A 1-D permutation of a child acts on every 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from .errors import ShapeMismatchError, SpecError
 
-__all__ = ["Axis", "Frozen", "PermGroup", "PermutationSpec", "FORMAT_VERSION"]
+__all__ = ["Axis", "Frozen", "PermGroup", "PermutationSpec", "FORMAT_VERSION", "state_of", "strip_location"]
 
 FORMAT_VERSION = 1
 _FORMAT_NAME = "autoperm.PermutationSpec"
@@ -64,11 +65,12 @@ class Axis:
         """Number of slots of ``dim`` this axis covers, for a group of ``size``."""
         return self.outer * size * self.inner
 
-    def describe(self, size: int) -> str:
-        """Short layout text: ``""`` for a whole dim, else ``"[offset:end] (outer,size,inner)"``."""
-        if self.offset == 0 and self.outer == 1 and self.inner == 1:
-            return ""
+    def describe(self, size: int, length: int | None = None) -> str:
+        """Short layout text: ``""`` when the axis covers the whole dim of ``length`` slots one unit
+        per slot, else ``"[offset:end] as (outer,size,inner)"`` (always, without ``length``)."""
         end = self.offset + self.extent(size)
+        if self.offset == 0 and self.outer == 1 and self.inner == 1 and length == end:
+            return ""
         return f"[{self.offset}:{end}] as ({self.outer},{size},{self.inner})"
 
 
@@ -139,7 +141,7 @@ class PermutationSpec:
         as one, e.g. ``{"convolution window (spatial dims)": 118}`` on densenet121."""
         counts: dict[str, int] = {}
         for f in self.frozen:
-            why = f.reason if locations else f.reason.rsplit(" at ", 1)[0]
+            why = f.reason if locations else strip_location(f.reason)
             counts[why] = counts.get(why, 0) + 1
         return counts
 
@@ -208,16 +210,33 @@ class PermutationSpec:
             raise SpecError(f"{who}: slots {offset}:{offset + extent} do not fit dim {dim} of "
                             f"{tensor!r} (size {shape[dim]})")
 
-    def check_model(self, state_dict: dict[str, Any]) -> None:
-        """Raise `ShapeMismatchError` naming the first tensor of the spec that ``state_dict``
-        lacks or holds with another shape."""
+    def check_model(self, state_dict: Any) -> None:
+        """Check that ``state_dict`` (or an ``nn.Module``) is the model the spec was compiled for.
+
+        Raise `ShapeMismatchError` naming the first tensor of the spec that the model lacks or
+        holds with another shape, or the first tensor of the model (parameter or persistent
+        buffer) that the spec does not know: a permutation of a spec compiled for another model
+        (a ResNet-18 spec on a ResNet-34) would leave that tensor in place and change the
+        function. A spec without ``shapes`` (written by hand) is not checked.
+        """
+        state = state_of(state_dict, "check_model(state_dict=...)")
         for name, shape in self.shapes.items():
-            if name not in state_dict:
-                raise ShapeMismatchError(f"the spec names tensor {name!r}, which the model lacks")
-            got = tuple(state_dict[name].shape)
+            if name not in state:
+                raise ShapeMismatchError(f"the spec names tensor {name!r}, which the model lacks: the spec was "
+                                         "compiled for another model; trace this one with autoperm.trace")
+            got = tuple(state[name].shape)
             if got != tuple(shape):
                 raise ShapeMismatchError(
-                    f"tensor {name!r} has shape {list(got)} in the model but {list(shape)} in the spec")
+                    f"tensor {name!r} has shape {list(got)} in the model but {list(shape)} in the spec: the spec "
+                    "was compiled for another model; trace this one with autoperm.trace")
+        if not self.shapes:
+            return
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and name not in self.shapes:
+                raise ShapeMismatchError(
+                    f"the model has tensor {name!r}, which the spec does not know: the spec was compiled for "
+                    "another model, and permuting with it would leave that tensor in place and change the "
+                    "model's function; trace this model with autoperm.trace(model, example_inputs)")
 
     # ----------------------------------------------------------------- JSON
     def to_dict(self) -> dict[str, Any]:
@@ -235,20 +254,19 @@ class PermutationSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PermutationSpec":
+        """The spec of a `to_dict` dict; `SpecError` naming the first malformed field."""
+        if not isinstance(data, dict):
+            raise SpecError(f"not an autoperm spec: the JSON holds {type(data).__name__}, not an object "
+                            "with a 'format' field (write specs with PermutationSpec.save)")
         if data.get("format") != _FORMAT_NAME:
             raise SpecError(f"not an autoperm spec (format field is {data.get('format')!r})")
         if data.get("version") != FORMAT_VERSION:
             raise SpecError(f"spec format version {data.get('version')!r} is not supported; "
                             f"this autoperm reads version {FORMAT_VERSION}")
-        try:
-            groups = [PermGroup(g["name"], int(g["size"]), [Axis(**a) for a in g["axes"]], g.get("parent"))
-                      for g in data["groups"]]
-            frozen = [Frozen(**f) for f in data.get("frozen", [])]
-        except (KeyError, TypeError) as e:
-            raise SpecError(f"malformed spec JSON: {e!r}") from e
-        shapes = {k: tuple(int(s) for s in v) for k, v in data.get("shapes", {}).items()}
-        spec = cls(groups, frozen, shapes, {k: list(v) for k, v in data.get("tied", {}).items()},
-                   dict(data.get("meta", {})))
+        from ._spec_json import parse_fields
+
+        groups, frozen, shapes, tied, meta = parse_fields(data)
+        spec = cls(groups, frozen, shapes, tied, meta)
         return spec.validate()
 
     def save(self, path: str | Path) -> None:
@@ -258,15 +276,16 @@ class PermutationSpec:
     @classmethod
     def load(cls, path: str | Path, model: Any = None) -> "PermutationSpec":
         """Read a spec written by `save`; with ``model`` (an ``nn.Module`` or a state_dict),
-        check that it fits and name the first mismatching tensor or size."""
+        check that it is the model the spec was compiled for (`check_model`): `ShapeMismatchError`
+        names the first tensor that is missing, shaped otherwise or unknown to the spec."""
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}: not valid JSON ({e})") from e
+        state = state_of(model, "PermutationSpec.load(model=...)") if model is not None else None  # a wrong type before reading
         spec = cls.from_dict(data)
-        if model is not None:
-            sd = model.state_dict() if hasattr(model, "state_dict") else model
-            spec.check_model(sd)
+        if state is not None:
+            spec.check_model(state)
         return spec
 
     # ----------------------------------------------------------------- views
@@ -291,6 +310,31 @@ class PermutationSpec:
     def __repr__(self) -> str:
         return (f"PermutationSpec({len(self.groups)} groups, {len(self.frozen)} frozen entries, "
                 f"{len(self.shapes)} tensors)")
+
+
+# the location `autoperm.analysis` and the rules append to a reason (`frontend.node_origin`):
+# " at layer1.0 (model.py:88)", " at (model.py:88)", or a module path alone (" at layer1.0", " at <root>")
+_LOCATION = re.compile(r" at (?:(?:(?! at ).)*?\([^()\s]+:(?:\d+|\?)\)|<root>|[\w\[\]']+(?:\.[\w\[\]']+)+)$")
+
+
+def strip_location(reason: str) -> str:
+    """``reason`` without the location suffix the analysis appends (``" at layer1.0 (model.py:88)"``);
+    any other text, ``" at "`` included, is kept."""
+    return _LOCATION.sub("", reason)
+
+
+def state_of(model: Any, what: str = "model=") -> Mapping[str, Any]:
+    """The state dict of ``model`` (an ``nn.Module`` or a state dict); `TypeError` naming ``what``
+    otherwise."""
+    if isinstance(model, torch.nn.Module):
+        return model.state_dict()
+    if isinstance(model, Mapping) and all(isinstance(k, str) for k in model):
+        if model and not any(isinstance(v, torch.Tensor) for v in model.values()):
+            raise TypeError(f"{what} is a dict without tensors (keys {list(model)[:4]}): pass the model or its "
+                            "state_dict (for a training checkpoint, the entry that holds the state_dict)")
+        return model
+    raise TypeError(f"{what} must be an nn.Module or a state dict (a mapping of tensor names to tensors); "
+                    f"got {type(model).__name__}")
 
 
 def block_slots(offset: int, outer: int, size: int, inner: int) -> "torch.Tensor":

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import colorsys
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .spec import state_of, strip_location
 from .viz_flow import Flow, layer_flow, layer_of as _layer_of
+from .viz_table import format_table, layout_length as _length
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,70 +52,6 @@ _PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
             "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"]
 
 
-def _cells(spec: "PermutationSpec") -> dict[tuple[str, int], list[str]]:
-    cells: dict[tuple[str, int], list[str]] = defaultdict(list)
-    for g in spec.groups:
-        for a in g.axes:
-            lay = a.describe(g.size)
-            cells[(a.tensor, a.dim)].append(f"{g.name}{' ' + lay if lay else ''}")
-    for f in spec.frozen:
-        cells[(f.tensor, f.dim)].append(".")
-    return cells
-
-
-_CELL_GROUPS = 4  # groups listed in one table cell before the middle ones are elided
-
-
-def format_table(spec: "PermutationSpec") -> str:
-    """One row per tensor: name, shape, and what acts on each dim (group name, or ``.`` frozen)."""
-    cells = _cells(spec)
-    aliases = {a: c for c, names in spec.tied.items() for a in names}
-    ndim = max((len(s) for s in spec.shapes.values()), default=0)
-    rows = [["tensor", "shape"] + [f"dim {d}" for d in range(ndim)]]
-    collapsed = many = False
-    for name, shape in spec.shapes.items():
-        row = [name, str(list(shape))]
-        for d in range(ndim):
-            if d >= len(shape):
-                row.append("")
-            elif name in aliases:
-                row.append(f"= {aliases[name]}")
-            else:
-                vals = [v for v in cells.get((name, d), []) if v != "."]
-                if len(vals) > 2:  # fused or per-head layouts: one entry per group, with its slice count
-                    counts = Counter(v.split(" ", 1)[0] for v in vals)
-                    vals = [f"{g} x{n}" if n > 1 else g for g, n in counts.items()]
-                    collapsed = True
-                if len(vals) > _CELL_GROUPS:  # a concatenation of many groups (DenseNet): first and last
-                    vals = vals[:_CELL_GROUPS - 2] + [f"... +{len(vals) - _CELL_GROUPS + 1} groups ...", vals[-1]]
-                    many = True
-                row.append(", ".join(vals) if vals else ("." if shape[d] > 1 else ""))
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    reasons = spec.frozen_reasons(locations=False)
-    if reasons:
-        short = sorted(reasons.items(), key=lambda kv: -kv[1])
-        lines.append(". frozen: " + "; ".join(f"{r} ({n})" for r, n in short[:12])
-                     + (f"; ... {len(short) - 12} more reasons" if len(short) > 12 else ""))
-    kids: dict[str, list[str]] = {}
-    for g in spec.groups:
-        if g.parent:
-            kids.setdefault(g.parent, []).append(g.name)
-    for parent, names in list(kids.items())[:12]:
-        lines.append(f"per slot of {parent}: {', '.join(names)} (one permutation per {parent} unit)")
-    if len(kids) > 12:
-        lines.append(f"... {len(kids) - 12} more parents with per-slot groups")
-    if collapsed:
-        lines.append("G xN: group G acts on N slices of that dim (their layouts: spec.group(G).axes)")
-    if many:
-        lines.append("... +N groups ...: the dim concatenates more groups than shown (all: spec.axes_of(tensor))")
-    lines.append(f"{len(spec.groups)} groups, {sum(len(g.axes) for g in spec.groups)} axes, "
-                 f"{len(spec.frozen)} frozen entries")
-    return "\n".join(lines)
-
-
 def to_networkx(spec: "PermutationSpec"):
     """A bipartite ``networkx.MultiGraph``: group nodes (``kind="group"``, ``size``), tensor nodes
     (``kind="tensor"``, ``shape``, ``frozen`` reasons), one edge per axis (``dim``, ``layout``)."""
@@ -128,7 +66,8 @@ def to_networkx(spec: "PermutationSpec"):
     for g in spec.groups:
         graph.add_node(f"group:{g.name}", kind="group", label=g.name, size=g.size)
         for a in g.axes:
-            graph.add_edge(f"group:{g.name}", f"tensor:{a.tensor}", dim=a.dim, layout=a.describe(g.size))
+            graph.add_edge(f"group:{g.name}", f"tensor:{a.tensor}", dim=a.dim,
+                           layout=a.describe(g.size, _length(spec, a)))
     return graph
 
 
@@ -152,7 +91,7 @@ def to_dot(spec: "PermutationSpec"):
         dot.add_node(pydot.Node(_q(f"g:{g.name}"), label=_q(f"{g.name}\\n({g.size})"), shape="ellipse",
                                 style="filled", fillcolor=colour, fontcolor="white"))
         for a in g.axes:
-            lay = a.describe(g.size)
+            lay = a.describe(g.size, _length(spec, a))
             dot.add_edge(pydot.Edge(_q(f"g:{g.name}"), _q(f"t:{a.tensor}"), color=colour,
                                     label=_q(f"dim {a.dim}{' ' + lay if lay else ''}"), fontsize="8"))
     return dot
@@ -278,7 +217,7 @@ def _layer_label(spec, data, cells, colours) -> dict[str, Any]:
     frozen = {}
     for t in tensors:
         for f in spec.frozen_of(t):
-            frozen.setdefault(_short(f.reason.split(" at ")[0]), set()).add(f.dim)
+            frozen.setdefault(_short(strip_location(f.reason)), set()).add(f.dim)
     for reason, dims in list(frozen.items())[:3]:
         lines.append(f"frozen d{','.join(map(str, sorted(dims)))}: {reason}")
     if len(frozen) > 3:
@@ -344,8 +283,14 @@ def render_spec(spec: "PermutationSpec", path: str | Path, *, model: "nn.Module 
         render_spec(spec, "spec.png", model=model, example_inputs=x)
         render_spec(spec, "groups.svg", compact=True)
     """
+    from .spec import PermutationSpec
     from .viz_render import render_graph, write_atomic
 
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"render_spec(spec=...) must be a PermutationSpec from autoperm.trace; got {type(spec).__name__}"
+                        + (" (pass the spec first, the model as model=)" if hasattr(spec, "state_dict") else ""))
+    if model is not None:  # a spec drawn on a model it was not compiled for: refused before writing
+        spec.check_model(state_of(model, "render_spec(model=...)"))
     path = Path(path)
     if path.suffix.lower() == ".json":
         write_atomic(path, lambda tmp: spec.save(tmp))
@@ -373,8 +318,15 @@ def plot_curve(curves: "Curve | Mapping[str, Curve]", path: str | Path, *, key: 
     """
     from .viz_render import pyplot, write_atomic
 
-    plt = pyplot()
     curves = {"": curves} if not isinstance(curves, Mapping) else dict(curves)
+    if not curves:
+        raise ValueError("plot_curve(curves=...) is empty: pass a Curve (autoperm.interpolate) or a dict of "
+                         "name -> Curve with at least one entry")
+    bad = next((k for k, c in curves.items() if not hasattr(c, "alphas") or not hasattr(c, "series")), None)
+    if bad is not None:
+        raise TypeError(f"plot_curve(curves=...): {'entry ' + repr(bad) if bad else 'the argument'} is a "
+                        f"{type(curves[bad]).__name__}, not a Curve (autoperm.interpolate returns one)")
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, curve in curves.items():
         ax.plot(curve.alphas, [scale * v for v in curve.series(key)], marker="o", label=name or None)

@@ -64,6 +64,7 @@ def example_inputs_for(model: nn.Module, image_size: int | None = None, batch: i
     ``pretrained_cfg["input_size"]``, else the first conv's channels at 224x224. A model whose
     first conv / linear / embedding is not a conv (an MLP, a text model) gets inputs for that
     layer instead (`autoperm.example_inputs.infer_example_inputs`; ``image_size`` is ignored)."""
+    _check_image_size(image_size, "example_inputs_for")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     channels, size = 3, 224
     if "input_size" in cfg:
@@ -77,8 +78,17 @@ def example_inputs_for(model: nn.Module, image_size: int | None = None, batch: i
             return infer_example_inputs(model)
         if first is not None:
             channels = first.in_channels
-    size = image_size or size
+    size = image_size if image_size is not None else size
     return (torch.randn(batch, channels, size, size),)
+
+
+def _check_image_size(image_size: Any, where: str) -> None:
+    if image_size is None:
+        return
+    error = TypeError if isinstance(image_size, bool) or not isinstance(image_size, int) else ValueError
+    if error is TypeError or image_size < 1:
+        raise error(f"{where}(image_size={image_size!r}): pass a positive whole number of pixels (e.g. 64), "
+                    "or None for the model's usual input size")
 
 
 def _from_file(spec: str) -> Callable[..., nn.Module]:
@@ -106,19 +116,25 @@ def load(name: str, *, image_size: int | None = None, **kwargs: Any) -> tuple[nn
     """A randomly initialized model and example inputs from ``"torchvision:NAME"``,
     ``"timm:NAME"`` or ``"path/to/file.py:factory"``. No weights are downloaded.
 
-    With ``image_size``, torchvision ViTs are built with ``image_size`` and timm models with
-    ``img_size`` where their constructor accepts it.
+    With ``image_size`` (a positive int, else ``TypeError`` / ``ValueError``, as for a ``name``
+    that is not a non-empty string),
+    torchvision ViTs are built with ``image_size`` and timm models with ``img_size`` where their
+    constructor accepts it.
     """
+    if not isinstance(name, str) or not name.strip():
+        raise (ValueError if isinstance(name, str) else TypeError)(f"load(name={name!r}): pass a non-empty model name such as 'torchvision:resnet18', "
+                         "'timm:convnext_tiny' or 'path/to/file.py:factory'")
+    _check_image_size(image_size, "load")
     kind, _, model_name = name.partition(":")
     if kind == "torchvision":
         tv = import_torchvision()
-        if image_size and model_name.startswith("vit_"):
+        if image_size is not None and model_name.startswith("vit_"):
             kwargs.setdefault("image_size", image_size)
         model = tv.models.get_model(model_name, weights=None, **kwargs)
     elif kind == "timm":
         timm = import_timm()
         model = None
-        if image_size:
+        if image_size is not None:
             try:
                 model = timm.create_model(model_name, pretrained=False, img_size=image_size, **kwargs)
             except TypeError:
