@@ -288,13 +288,14 @@ def _compile(tg: TracedGraph, strict: bool, hierarchical: bool = False) -> tuple
     for op, n in unsupported.items():
         log.info("no rule for %s (%d nodes): its dims were frozen", op, n)
     sites = _sites(tg, table, values, names)
-    if tg.twin is not None:  # exported at a fixed batch: keep what holds at another batch size too
-        twin, _ = _compile(tg.twin, strict, hierarchical)
-        batch, other = _batch_of(tg), _batch_of(tg.twin)
+    for twin_graph in tg.twins:  # exported at a fixed batch: keep what holds at the other sizes too
+        twin, _ = _compile(twin_graph, strict, hierarchical)
         spec, sites = keep_shared_groups(spec, sites, twin, (
-            f"the graph fixes the batch at {batch} and this group differs at batch {other} (a reshape mixing the "
-            "batch with features?), so it does not hold at every batch size"))
-        spec.meta["static_batch"] = batch
+            f"the graph fixes the batch at {tg.static_batch} and this group differs at batch {_batch_of(twin_graph)} "
+            "(a reshape mixing the batch with features?), so it does not hold at every batch size"))
+    if tg.static_batch is not None:
+        spec.meta["static_batch"] = tg.static_batch
+        spec.meta["batch_checked"] = [tg.static_batch] + [_batch_of(t) for t in tg.twins]
     return spec.validate(), sites
 
 

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ._capture_checks import attribute_tensors, batch_reason, kept_caches, relaid_keys
-from .batch_twin import twin_inputs
+from ._args import as_inputs
+from .batch_twin import batch_size, grown_inputs, twin_sizes
 from ._copy import copy_module
 from ._split_stacked import split_stacked
 from .errors import ExampleInputError, TraceError
@@ -61,9 +62,10 @@ class TracedGraph:
     # state_dict keys the eager forward changed without the graph recording it (``.data =``, a write
     # behind a Python flag, a hook) -> why: the analysis freezes them
     unrecorded: dict[str, str] = field(default_factory=dict)
-    # a graph exported at a fixed batch: the same model exported with one more example
-    # (`autoperm.batch_twin`); the analysis keeps only the groups both graphs agree on
-    twin: "TracedGraph | None" = None
+    # a graph exported at a fixed batch: that batch, and the same model exported at two other
+    # batch sizes (`autoperm.batch_twin`); the analysis keeps only the groups all graphs agree on
+    static_batch: int | None = None
+    twins: list = field(default_factory=list)
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -172,12 +174,7 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = normalize_inputs(example_inputs)
-    empty = [i for i, t in enumerate(inputs) if t.dim() > 0 and t.shape[0] == 0]
-    if empty:
-        raise ExampleInputError(
-            f"example input {empty[0]} has batch size 0 (shape {tuple(inputs[empty[0]].shape)}): an empty batch "
-            "computes nothing, so nothing could be checked; pass at least two examples")
+    inputs = as_inputs(normalize_inputs(example_inputs), "example_inputs=")  # refuses an empty batch
     lazy = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if torch.nn.parameter.is_lazy(t)]
     if lazy:
@@ -228,7 +225,7 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
                "or merged copy would keep; clear them in train() (as timm's LeViT does) to make the model permutable")
         tg.unrecorded.update({k: why for k in tg.state_keys.values()})
     if not dynamic:
-        _attach_twin(tg, model, work, inputs)
+        _attach_twins(tg, model, work, inputs)
     if batch_why:
         log.warning("%s: every dim is frozen", batch_why)
         tg.unrecorded.update({k: batch_why for k in tg.state_keys.values()})
@@ -239,34 +236,43 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
     return tg
 
 
-def _attach_twin(tg: TracedGraph, model: nn.Module, work: nn.Module, inputs) -> None:
-    """For a graph exported at a fixed batch: export the model again with one more example
-    (`autoperm.batch_twin`) into ``tg.twin``; a model that raises at that batch size runs at its
-    example's batch only (no twin); one that runs but cannot be exported there is frozen."""
-    more = twin_inputs(inputs)
-    if more is None:
+def _attach_twins(tg: TracedGraph, model: nn.Module, work: nn.Module, inputs) -> None:
+    """For a graph exported at a fixed batch: export the model again at the first two sizes of
+    `autoperm.batch_twin.twin_sizes` it runs at, into ``tg.twins``. One that runs but cannot be
+    exported freezes every dim; a model that runs at no other size keeps its spec, with a warning."""
+    batch = batch_size(inputs)
+    if batch is None:
         return
-    batch = inputs[0].shape[0]
-    try:
-        with torch.no_grad():
-            copy_module(work)(*(t.clone() for t in more))
-    except Exception as e:
-        log.info("the model raises at batch %d (%s: %s): its spec holds at batch %d, the example's, only",
-                 batch + 1, type(e).__name__, e, batch)
-        return
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            ep = _export(copy_module(work), more, False).run_decompositions({})
-    except Exception as e:
-        why = (f"the graph fixes the batch at {batch} and could not be exported at batch {batch + 1} "
-               f"({type(e).__name__}) to check which groups hold at other batch sizes")
-        log.warning("%s: every dim is frozen", why)
-        tg.unrecorded.update({k: why for k in tg.state_keys.values()})
-        return
-    log.info("the graph fixes the batch at %d: compiled again at batch %d to keep only groups that hold at both",
-             batch, batch + 1)
-    tg.twin = _wrap(ep, model, False)
+    tg.static_batch = batch
+    sizes: list[int] = []
+    for size in twin_sizes(batch):
+        more = grown_inputs(inputs, size)
+        try:
+            with torch.no_grad():
+                copy_module(work)(*(t.clone() for t in more))
+        except Exception as e:
+            log.debug("the model raises at batch %d: %s: %s", size, type(e).__name__, e)
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                ep = _export(copy_module(work), more, False).run_decompositions({})
+        except Exception as e:
+            why = (f"the graph fixes the batch at {batch} and could not be exported at batch {size} "
+                   f"({type(e).__name__}) to check which groups hold at other batch sizes")
+            log.warning("%s: every dim is frozen", why)
+            tg.unrecorded.update({k: why for k in tg.state_keys.values()})
+            return
+        tg.twins.append(_wrap(ep, model, False))
+        sizes.append(size)
+        if len(tg.twins) == 2:
+            break
+    if tg.twins:
+        log.info("the graph fixes the batch at %d: compiled again at batch %s to keep only groups that hold at all",
+                 batch, " and ".join(map(str, sizes)))
+    else:
+        log.warning("the graph fixes the batch at %d and the model raises at every other batch size tried (%s): "
+                    "the spec is checked at batch %d only", batch, twin_sizes(batch), batch)
 
 
 def _fingerprints(model: nn.Module) -> dict[str, tuple]:

@@ -88,9 +88,17 @@ def _is_int(s: Size) -> bool:
     return isinstance(s, int) or (hasattr(s, "is_Integer") and bool(s.is_Integer))
 
 
+def _arithmetic(s: Size) -> bool:
+    """A size computed from symbols (``s // 2``, ``s * (6 // s)``), not a number nor a bare symbol:
+    a mismatch against it may be arithmetic the rule cannot see through. A bare batch symbol
+    tied to a number is a rule bug and stays an `AnalysisError`."""
+    return not _is_int(s) and not bool(getattr(s, "is_Symbol", False))
+
+
 class SymbolicSizeError(AnalysisError):
-    """Two sizes a rule ties are not provably equal, and one of them is symbolic (batch
-    arithmetic such as ``s // 2``): the node's dims are frozen instead (`autoperm.analysis`)."""
+    """Two sizes a rule ties are not provably equal, and one of them is arithmetic on symbols
+    (``s // 2`` when a batch is split in halves): the node's dims are frozen instead
+    (`autoperm.analysis`)."""
 
 
 class AtomTable:
@@ -152,7 +160,7 @@ class AtomTable:
         kept = [p for p in parts if self._size[p] != unit]
         total = _prod([self._size[p] for p in kept]) if kind == "prod" else sum(self._size[p] for p in kept)
         if not _same(total, self._size[a]):
-            err = AnalysisError if _is_int(total) and _is_int(self._size[a]) else SymbolicSizeError
+            err = SymbolicSizeError if _arithmetic(total) or _arithmetic(self._size[a]) else AnalysisError
             raise err(f"composition {kind}{[self._size[p] for p in kept]} does not "
                       f"match atom size {self._size[a]}")
         if len(kept) <= 1:
@@ -165,7 +173,7 @@ class AtomTable:
 
     def tie(self, a: int, b: int) -> None:
         if not _same(self._size[a], self._size[b]):
-            err = AnalysisError if _is_int(self._size[a]) and _is_int(self._size[b]) else SymbolicSizeError
+            err = SymbolicSizeError if _arithmetic(self._size[a]) or _arithmetic(self._size[b]) else AnalysisError
             raise err(f"cannot tie atoms of sizes {self._size[a]} and {self._size[b]}")
         self._pending.append((a, b))
         while self._pending:

@@ -217,7 +217,9 @@ class PermutationSpec:
         holds with another shape, or the first tensor of the model (parameter or persistent
         buffer) that the spec does not know: a permutation of a spec compiled for another model
         (a ResNet-18 spec on a ResNet-34) would leave that tensor in place and change the
-        function. A spec without ``shapes`` (written by hand) is not checked.
+        function. That last check applies to a compiled spec (``meta`` records its frontend) and to
+        tensors with a dim of 2 or more (a step counter cannot be permuted); a spec written by
+        hand is checked on its own ``shapes`` only.
         """
         state = state_of(state_dict, "check_model(state_dict=...)")
         for name, shape in self.shapes.items():
@@ -229,10 +231,10 @@ class PermutationSpec:
                 raise ShapeMismatchError(
                     f"tensor {name!r} has shape {list(got)} in the model but {list(shape)} in the spec: the spec "
                     "was compiled for another model; trace this one with autoperm.trace")
-        if not self.shapes:
+        if not self.shapes or "frontend" not in self.meta:  # a hand-written spec may list its own tensors only
             return
         for name, value in state.items():
-            if isinstance(value, torch.Tensor) and name not in self.shapes:
+            if isinstance(value, torch.Tensor) and name not in self.shapes and max(value.shape, default=1) >= 2:
                 raise ShapeMismatchError(
                     f"the model has tensor {name!r}, which the spec does not know: the spec was compiled for "
                     "another model, and permuting with it would leave that tensor in place and change the "

@@ -134,7 +134,8 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        return bool(self.error <= self.tolerance)  # a NaN error is not ok
+        """Whether the error is within the tolerance (a NaN error is not)."""
+        return bool(self.error <= self.tolerance)
 
     def __bool__(self) -> bool:
         return self.ok

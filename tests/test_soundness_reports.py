@@ -55,7 +55,7 @@ def test_a_group_that_holds_at_the_example_batch_only_is_frozen(cls, monkeypatch
     assert any("differs at batch 4" in f.reason for f in spec.frozen)
     assert _max_error(model, spec, (3, 4, 6)) < 1e-9
     # control: without the twin at batch 4 the compiler keeps the group, which is wrong at batch 4
-    monkeypatch.setattr(frontend, "_attach_twin", lambda *args: None)
+    monkeypatch.setattr(frontend, "_attach_twins", lambda *args: None)
     unsound = autoperm.trace(model, torch.randn(3, 3))
     assert unsound.groups   # a factor of the hidden dim, tied through the reshape at batch 3
     assert _max_error(model, unsound, (3,)) < 1e-9
@@ -69,16 +69,83 @@ def test_a_fixed_batch_graph_keeps_the_groups_that_hold_at_other_batch_sizes():
     assert _max_error(model, spec, (2, 5)) < 1e-9
 
 
-def test_a_model_that_runs_at_its_example_batch_only_keeps_its_spec():
+def test_a_model_that_runs_at_its_example_batch_only_keeps_its_spec(caplog):
     class Only3(StarArgs):
         def forward(self, x):
             if x.shape[0] != 3:
                 raise ValueError("batch 3 only")
             return self.b(self.a(x).relu().reshape(int(x.shape[0]), 6))
 
-    spec = autoperm.trace(Only3().eval(), torch.randn(3, 3))
-    assert spec.meta["dynamic_batch"] is False and "static_batch" not in spec.meta
+    with caplog.at_level("WARNING", logger="autoperm.frontend"):
+        spec = autoperm.trace(Only3().eval(), torch.randn(3, 3))
+    assert spec.meta["dynamic_batch"] is False and spec.meta["batch_checked"] == [3]
     assert [g.size for g in spec.groups] == [6]
+    assert "the spec is checked at batch 3 only" in caplog.text
+
+
+class OddOnly(StarArgs):
+    def forward(self, *xs):   # needs an odd batch (a centre example): the twins are at 5 and 11
+        x = xs[0]
+        if x.shape[0] % 2 == 0:
+            raise ValueError("odd batches only")
+        return self.b(self.a(x).T.reshape(x.shape[0], 6))
+
+
+class WithContext(StarArgs):
+    def forward(self, *xs):   # a batch input and a context row of leading size 1: only x grows
+        x, ctx = xs
+        return self.b(self.a(x).T.reshape(x.shape[0], 6) + ctx)
+
+
+class WithScale(StarArgs):
+    def forward(self, *xs):   # a 0-dim second input
+        x, scale = xs
+        return self.b(self.a(x).T.reshape(x.shape[0], 6)) * scale
+
+
+@pytest.mark.parametrize("cls, extra, checked", [(OddOnly, (), [3, 5, 11]),
+                                                 (WithContext, (torch.randn(1, 1),), [3, 4, 5]),
+                                                 (WithScale, (torch.tensor(2.0),), [3, 4, 5])])
+def test_twins_grow_the_batch_inputs_only_and_skip_sizes_the_model_refuses(cls, extra, checked, monkeypatch):
+    """The reviewer's cases where no twin was built and the batch-3-only group was kept."""
+    model = cls().eval()
+    spec = autoperm.trace(model, (torch.randn(3, 3), *extra))
+    assert spec.meta["batch_checked"] == checked and not spec.groups
+    monkeypatch.setattr(frontend, "_attach_twins", lambda *args: None)   # control: the group is kept
+    assert autoperm.trace(model, (torch.randn(3, 3), *extra)).groups
+
+
+class EvenOddHeads(nn.Module):
+    """Heads kept apart at even batch sizes, summed (head_dim shared) at odd ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.v, self.s = nn.Linear(5, 12), nn.Parameter(torch.randn(3, 1))
+
+    def forward(self, x):
+        n = int(x.shape[0])
+        o = torch.relu(self.v(x)).reshape(n, 3, 4) * self.s
+        if n % 2 == 0:
+            return (o ** 2).sum((1, 2)).unsqueeze(1)
+        return (o.sum(1) ** 2).sum(1).unsqueeze(1)
+
+
+def test_a_child_group_stays_a_child_only_if_every_twin_agrees(monkeypatch):
+    """At batch 2 head_dim may take one permutation per head; at batch 3 the heads are summed,
+    so only a shared head_dim permutation holds: the kept group must be a plain one."""
+    model = EvenOddHeads().eval()
+    spec = autoperm.trace(model, torch.randn(2, 5), hierarchical=True)
+    assert sorted(g.size for g in spec.groups) == [3, 4] and all(g.parent is None for g in spec.groups)
+    m64 = autoperm.perturbed(model, 0)
+    for b in (2, 3, 5):
+        for seed in range(2):
+            perms = autoperm.random_permutation(spec, seed, derangement=True)
+            assert autoperm.check_equivalence(m64, spec, perms, torch.randn(b, 5, dtype=torch.float64)) < 1e-9
+    monkeypatch.setattr(frontend, "_attach_twins", lambda *args: None)   # control: a child, wrong at batch 3
+    child = autoperm.trace(model, torch.randn(2, 5), hierarchical=True)
+    assert any(g.parent for g in child.groups)
+    perms = autoperm.random_permutation(child, 0, derangement=True)
+    assert autoperm.check_equivalence(m64, child, perms, torch.randn(3, 5, dtype=torch.float64)) > 1e-3
 
 
 class Siamese(nn.Module):
@@ -131,7 +198,7 @@ def test_linear_with_a_one_element_bias_broadcasts_it():
 def test_an_empty_example_batch_is_refused():
     """A batch of 0 made the verification pass vacuously (error 0.0 for any spec)."""
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    with pytest.raises(autoperm.ExampleInputError, match="example input 0 has batch size 0"):
+    with pytest.raises(autoperm.ExampleInputError, match="example_inputs= has batch size 0"):
         autoperm.trace(model, torch.randn(0, 4))
     assert autoperm.trace(model, torch.randn(2, 4)).groups   # control: a real batch traces
 
@@ -206,7 +273,7 @@ def test_repeat_interleave_carries_the_units_with_their_copies(dim):
     model = Interleaved(dim).eval()
     spec = autoperm.trace(model, torch.randn(3, 3))
     hidden = [g for g in spec.groups if g.size == 6]
-    assert len(hidden) == 1 and not spec.meta["unsupported_ops"]
+    assert len(hidden) == 1 == len(spec.groups) and not spec.meta["unsupported_ops"]   # the copies stay put
     assert any(a.tensor == "d.weight" and a.inner == 2 for a in hidden[0].axes)
     assert _max_error(model, spec, (3, 5)) < 1e-9
     # control: moving d's columns as whole blocks of 6 (the layout of repeat, not repeat_interleave) is wrong
@@ -214,3 +281,21 @@ def test_repeat_interleave_carries_the_units_with_their_copies(dim):
                       for a in hidden[0].axes]
     spec.groups = hidden
     assert _max_error(model, spec, (3,)) > 1e-3
+
+
+def test_only_arithmetic_on_symbols_is_frozen_a_bare_batch_symbol_against_a_number_is_a_rule_bug():
+    """Freezing instead of raising is meant for ``s // 2``-style sizes; a rule that ties the
+    batch symbol itself to a feature size is wrong and must still raise (not hide as a freeze)."""
+    import sympy
+
+    from autoperm.errors import AnalysisError
+    from autoperm.ir import AtomTable, SymbolicSizeError
+
+    s = sympy.Symbol("s77", positive=True, integer=True)
+    table = AtomTable()
+    with pytest.raises(AnalysisError) as bug:
+        table.tie(table.new(s), table.new(6))
+    assert not isinstance(bug.value, SymbolicSizeError)
+    with pytest.raises(SymbolicSizeError):
+        table.tie(table.new(s - s // 2), table.new(s // 2))
+    table.tie(table.new(s), table.new(s))   # control: equal sizes tie

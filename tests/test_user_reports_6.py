@@ -326,3 +326,27 @@ def test_zoo_load_still_takes_a_good_image_size(tmp_path):
     assert x.shape[1:] == (1, 12, 12)
     with pytest.raises(ValueError, match="image_size=-3"):  # control: the same call with a bad size
         autoperm.zoo.load(f"{tmp_path / 'cnn.py'}:make", image_size=-3)
+
+
+def test_check_model_leaves_a_hand_written_spec_with_its_own_shapes_alone():
+    """A hand-written spec listing only the tensors it moves worked with permute / merge before
+    the unknown-tensor check; that check applies to compiled specs only (review finding)."""
+    import copy as _copy
+
+    from autoperm.spec import Axis, PermGroup, PermutationSpec
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    axes = [Axis("0.weight", 0), Axis("0.bias", 0), Axis("1.weight", 0), Axis("1.bias", 0),
+            Axis("1.running_mean", 0), Axis("1.running_var", 0), Axis("3.weight", 1)]
+    shapes = {"0.weight": (8, 4), "0.bias": (8,), "1.weight": (8,), "1.bias": (8,), "1.running_mean": (8,),
+              "1.running_var": (8,), "3.weight": (3, 8)}
+    hand = PermutationSpec([PermGroup("h", 8, axes)], [], shapes)
+    permuted = autoperm.permute(m, hand, autoperm.random_permutation(hand, 1, derangement=True))
+    x = torch.randn(5, 4)
+    assert torch.allclose(permuted(x), m(x), atol=1e-5)
+    autoperm.merge(m, _copy.deepcopy(m), spec=hand)
+    compiled = autoperm.trace(m, x)   # control: a compiled spec on a model with an extra tensor is refused
+    bigger = nn.Sequential(*m, nn.Linear(3, 3)).eval()
+    with pytest.raises(autoperm.ShapeMismatchError, match="'4.weight'"):
+        compiled.check_model(bigger)

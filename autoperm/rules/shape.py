@@ -117,12 +117,15 @@ def repeat_interleave(ctx: RuleContext) -> list[Constraint]:
     """Repeat each slot ``r`` times in place: the dim becomes ``prod(dim, copies)`` (copies
     inner; they hold equal values, unconstrained); ``dim=None`` flattens first."""
     x, out, r = ctx.atoms(ctx.arg("self")), ctx.out, ctx.arg("repeats")
+    copies = ctx.fresh(r)
+    # the copies are not hidden units (moving them is sound but meaningless): kept in place
+    keep = ctx.freeze([copies], "copies of repeat_interleave") if ctx.size(copies) != 1 else []
     d = ctx.arg("dim")
     if d is None:
-        return [Compose(out[0], "prod", (*x, ctx.fresh(r)))]
+        return [Compose(out[0], "prod", (*x, copies))] + keep
     d = norm_dim(d, len(x))
     return ctx.tie_all(x[:d], out[:d]) + ctx.tie_all(x[d + 1:], out[d + 1:]) + [
-        Compose(out[d], "prod", (x[d], ctx.fresh(r)))]
+        Compose(out[d], "prod", (x[d], copies))] + keep
 
 
 @register_rule(*aten_ops("cat", "concat", "concatenate"))
