@@ -299,3 +299,146 @@ def test_only_arithmetic_on_symbols_is_frozen_a_bare_batch_symbol_against_a_numb
     with pytest.raises(SymbolicSizeError):
         table.tie(table.new(s - s // 2), table.new(s // 2))
     table.tie(table.new(s), table.new(s))   # control: equal sizes tie
+
+
+# --------------------------------------------------------------------------- partial merging (round 2)
+class SharedBias(nn.Module):
+    def __init__(self, shared=True):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 6))
+        self.b1 = nn.Parameter(torch.randn(1 if shared else 8))
+        self.l2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.l2(F.relu(F.linear(x, self.w1, self.b1)))
+
+
+class SharedScale(nn.Module):
+    def __init__(self, shared=True):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.s = nn.Parameter(torch.tensor(1.5) if shared else torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        return self.l2(F.relu(self.l1(x)) * self.s)
+
+
+def _pair(cls, *args):
+    torch.manual_seed(0)
+    return autoperm.perturbed(cls(*args), 0), autoperm.perturbed(cls(*args), 1), torch.randn(4, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cls", [SharedBias, SharedScale])
+def test_partial_merging_reports_a_parameter_shared_by_all_units(cls):
+    """Widened, A's and B's own units share the interpolated value of a one-element bias or a
+    0-dim scale, so partial=1 is not the ensemble: the gap must be reported, not claimed exact."""
+    from autoperm.rewrite.partial import partial_widen
+
+    for shared in (True, False):
+        a, b, x = _pair(cls, shared)
+        al = autoperm.match(a, b, example_inputs=x)
+        r = partial_widen(a, b, al, alpha=0.3, partial=1.0, example_inputs=x)
+        with torch.no_grad():
+            ens = 0.7 * a(x) + 0.3 * b(x)
+            gap = float((r.module(x) - ens).norm() / ens.norm())
+        if shared:
+            assert not r.exact_limits and any("shared by all units" in w for ws in r.nonlocal_ops.values() for w in ws)
+            assert gap > 1e-3
+        else:   # control: one value per unit widens exactly
+            assert r.exact_limits and not r.nonlocal_ops and gap < 1e-9
+
+
+def test_partial_merging_does_not_widen_units_compared_by_cosine_similarity():
+    from autoperm.rewrite.partial import partial_widen
+
+    class Cos(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.o = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.o(x) * F.cosine_similarity(F.relu(self.a(x)), F.relu(self.b(x)), dim=-1)[:, None]
+
+    a, b, x = _pair(Cos)
+    al = autoperm.match(a, b, example_inputs=x)
+    r = partial_widen(a, b, al, alpha=0.3, partial=1.0, example_inputs=x)   # raised its self-check before
+    assert any("cosine_similarity" in why for why in r.frozen.values())
+    full = autoperm.merge(a, b, alpha=0.3, alignment=al, example_inputs=x)
+    with torch.no_grad():   # nothing widened: the full merge
+        assert float((r.module(x) - full(x)).norm() / full(x).norm()) < 1e-9
+
+
+def test_a_partial_merge_of_a_fixed_batch_graph_runs_at_other_batch_sizes():
+    """int(x.shape[0]) fixes the export's batch; the widened module kept the literal 4."""
+    class IntShape(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.o = nn.Linear(6, 16), nn.Linear(4, 5), nn.Linear(20, 3)
+
+        def forward(self, x):
+            n = int(x.shape[0])
+            return self.o(F.relu(self.l2(F.relu(self.l1(x)).reshape(n, 4, 4))).reshape(n, -1))
+
+    a, b, x = _pair(IntShape)
+    al = autoperm.match(a, b, example_inputs=x)
+    full = autoperm.merge(a, b, alpha=0.3, alignment=al, example_inputs=x)
+    zero = autoperm.merge(a, b, alpha=0.3, partial=0.0, alignment=al, example_inputs=x)
+    half = autoperm.merge(a, b, alpha=0.3, partial=0.5, alignment=al, example_inputs=x)
+    x7 = torch.randn(7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        assert half(x7).shape == (7, 3)
+        assert float((zero(x7) - full(x7)).norm() / full(x7).norm()) < 1e-9
+
+
+class WeightNormed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.l1, self.l2, self.l3 = weight_norm(nn.Linear(6, 8)), weight_norm(nn.Linear(8, 8)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
+
+
+def test_weight_normed_layers_count_as_layers_for_pfm_and_bias_removal():
+    """Their weight is computed (g * v / |v|), not a state_dict tensor: PFM counted only l3, so
+    preserve_first=1 preserved everything, and bias removal skipped l1.bias."""
+    from autoperm.frontend import capture
+    from autoperm.rewrite.pfm import counted_layers
+
+    a, b, x = _pair(WeightNormed)
+    assert len(counted_layers(capture(a, x))) == 3
+    al = autoperm.match(a, b, example_inputs=x)
+    with torch.no_grad():
+        ens = 0.7 * a(x) + 0.3 * b(x)
+        one = autoperm.merge(a, b, alpha=0.3, alignment=al, example_inputs=x, preserve_first=1)
+        every = autoperm.merge(a, b, alpha=0.3, alignment=al, example_inputs=x, preserve_first=3)
+        assert float((every(x) - ens).norm() / ens.norm()) < 1e-9
+        assert float((one(x) - ens).norm() / ens.norm()) > 1e-3   # l1 only: not the ensemble
+        x7 = torch.randn(7, 6, dtype=torch.float64)
+        assert float((every(x7) - (0.7 * a(x7) + 0.3 * b(x7))).norm()) < 1e-9 * float(a(x7).norm())
+    removed = autoperm.merge(a, b, alpha=0.3, alignment=al, example_inputs=x, normalize="bias_removal")
+    assert all(bool((removed.state_dict()[f"l{i}.bias"] == 0).all()) for i in (1, 2, 3))
+
+
+def test_insert_perm_layers_finds_a_skip_over_a_weight_normed_conv():
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class ResConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.i, self.f = nn.Conv2d(3, 4, 3, padding=1), weight_norm(nn.Conv2d(4, 4, 3, padding=1))
+            self.o = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.i(x)
+            h = h + self.f(F.relu(h))
+            return self.o(h.mean((2, 3)))
+
+    model = ResConv().eval()
+    x = torch.randn(2, 3, 6, 6)
+    new, spec = autoperm.insert_perm_layers(model, x)   # raised "no identity skip connection" before
+    with torch.no_grad():
+        assert torch.allclose(new(x), model(x), atol=1e-6)
+    assert any(k.startswith("skip_perms") for k in new.state_dict())

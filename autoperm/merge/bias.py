@@ -54,6 +54,29 @@ class CountedLayer:
     depth: int
 
 
+def weight_key(tg: TracedGraph, node) -> str | None:
+    """The state_dict key behind the weight (second argument) of a conv / linear node: the
+    weight itself, or, for a weight computed from parameters alone (``weight_norm``'s
+    ``g * v / |v|``), the first of them by name; None for a weight that depends on the input or
+    on a tensor without a key. The caller checks the op's kind."""
+    if len(node.args) < 2 or not hasattr(node.args[1], "op"):
+        return None
+    seen, todo = set(), [node.args[1]]
+    keys = []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if n.name not in tg.state_keys:
+                return None   # an input, or a tensor without a key: not a layer's own weight
+            keys.append(tg.state_keys[n.name])
+        elif n.op == "call_function":
+            todo += n.all_input_nodes
+    return sorted(keys)[0] if keys else None
+
+
 def count_layers(tg: TracedGraph, preserved: Collection[str] = ()) -> list[CountedLayer]:
     """The conv / linear layers of the graph in topological order, each with its depth count.
 
@@ -69,15 +92,15 @@ def count_layers(tg: TracedGraph, preserved: Collection[str] = ()) -> list[Count
     for node in tg.graph.nodes:
         d = max((depth.get(n.name, 0) for n in node.all_input_nodes), default=0)
         args = node.args
-        dense = _packet(node) in _DENSE and len(args) > 1 and getattr(args[1], "name", None) in tg.state_keys
+        weight = weight_key(tg, node) if _packet(node) in _DENSE else None
+        dense = weight is not None
         if node.name in preserved:
             depth[node.name] = 1 if dense or d else 0
             continue
         if dense:
             d += 1
             bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
-            layers.append(CountedLayer(node.name, tg.state_keys[args[1].name],
-                                       tg.state_keys.get(getattr(bias, "name", None)), d))
+            layers.append(CountedLayer(node.name, weight, tg.state_keys.get(getattr(bias, "name", None)), d))
         depth[node.name] = d
     return layers
 

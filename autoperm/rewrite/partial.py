@@ -57,7 +57,8 @@ from ..permute import apply_axis, unit_rows
 from ..verify import output_error
 from ..match.hierarchical import absorb_children
 from .emit import buffer_keys, emit, graph_from_traced, output_spec
-from .partial_graph import check_shapes, contraction_dims, locality, node_layouts, param_layouts, patch_sizes
+from .partial_graph import check_shapes, contraction_dims, node_layouts, param_layouts, patch_sizes
+from .partial_locality import locality
 from .partial_normalize import normalize_widened, regress_widened
 from .partial_widen import WidenError, buffer_count, extend_assignment, keep_alignment, widen_state
 
@@ -261,7 +262,7 @@ def _build(model_a, tg, spec, sites, ext, contraction, state_a, state_b, alpha, 
     with torch.no_grad():
         out = copy_module(model_a).eval()(*inputs)
     module = emit(graph, {**state, **consts}, buffers=buffer_keys(model_a), out_spec=output_spec(out),
-                  class_name="PartiallyMerged")
+                  static_batch=None if tg.dynamic_batch else inputs[0].shape[0], class_name="PartiallyMerged")
     return module, tg_w, state
 
 

@@ -27,7 +27,7 @@ from ..spec import PermutationSpec
 from .partial_widen import Extension, Layout, WidenError, widen_dim
 from ..rules.base import packet_name as _packet
 
-__all__ = ["param_layouts", "node_layouts", "contraction_dims", "locality", "patch_sizes", "check_shapes"]
+__all__ = ["param_layouts", "node_layouts", "contraction_dims", "patch_sizes", "check_shapes"]
 
 _CONTRACT = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
              "conv_transpose3d", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum"}
@@ -195,69 +195,6 @@ def contraction_dims(tg: TracedGraph, spec: PermutationSpec) -> tuple[dict[tuple
                 bad.setdefault(g, reason)
         out[(key, dim)] = bools == {True}
     return out, bad
-
-
-# --------------------------------------------------------------------------- locality
-def locality(tg: TracedGraph, sites: Mapping[str, list[Site]]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Per group, the non-unit-local ops its widened units would meet (LayerNorm / RMSNorm,
-    GroupNorm with several channels per group, softmax or a reduction over the units), and the
-    groups that cannot be widened at all: units summed over in a product of two activations
-    (attention's q.k head_dim: widening changes the scores and the 1/sqrt(d) scale), or a grouped
-    conv / GroupNorm whose group count would have to change."""
-    dep = _dependent(tg)
-    nodes = {n.name: n for n in tg.graph.nodes}
-    nonlocal_: dict[str, list[str]] = defaultdict(list)
-    frozen: dict[str, str] = {}
-    for g, ss in sites.items():
-        for s in ss:
-            node = nodes[s.node]
-            rank = len(_shape(node) or ())
-            for user in node.users:
-                why, hard = _nonlocal(user, node, s, rank, dep)
-                if hard:
-                    frozen.setdefault(g, f"{why} at {node_origin(user)}")
-                elif why and why not in nonlocal_[g]:
-                    nonlocal_[g].append(why)
-    return dict(nonlocal_), frozen
-
-
-def _nonlocal(user, node, s: Site, rank: int, dep) -> tuple[str | None, bool]:
-    name = _packet(user)
-    d = s.dim
-    if name in _NORMS:
-        k = len(user.args[1])
-        return ("LayerNorm / RMSNorm over the units" if d >= rank - k else None), False
-    if name in ("group_norm", "native_group_norm"):
-        groups = int(user.args[1] if name == "group_norm" else user.args[6])
-        channels = (_shape(node) or (0, 0))[1]
-        if d != 1 or groups == channels:
-            return None, False
-        if groups > 1 and s.outer % groups:
-            return "widening would change GroupNorm's group count", True
-        return "GroupNorm over several units", False
-    if name.startswith("conv") and _positions(user, node) == [0] and d == 1:
-        groups = int(user.args[8] if name == "convolution" else (user.args[6] if len(user.args) > 6 else 1))
-        channels = (_shape(node) or (0, 0))[1]
-        if 1 < groups < channels and s.outer % groups:
-            return "widening would change a grouped conv's group count", True
-        return None, False
-    if name in _SOFTMAX:
-        return ("softmax over the units" if (user.args[1] % rank) == d else None), False
-    if name in _REDUCE:
-        dims = user.args[1] if len(user.args) > 1 else None
-        dims = list(range(rank)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
-        return ("reduction over the units" if d in {x % rank for x in dims} else None), False
-    if name in ("matmul", "mm", "bmm", "einsum", "scaled_dot_product_attention"):
-        others = [a for a in user.all_input_nodes if a is not node and a in dep]
-        if not others:
-            return None, False
-        if name == "scaled_dot_product_attention":
-            pos = _positions(user, node)
-            hit = bool({0, 1} & set(pos)) and d == rank - 1
-            return ("attention q.k sums over these units (head_dim)" if hit else None), hit
-        if _contracts(user, node, d):
-            return "a product of two activations sums over these units (q.k)", True
-    return None, False
 
 
 # --------------------------------------------------------------------------- literals

@@ -43,6 +43,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..merge.bias import weight_key
 from ..merge.normalize import reset_graph_batchnorm
 from ..frontend import TracedGraph
 from .emit import buffer_keys, emit, output_spec
@@ -75,9 +76,10 @@ def data_nodes(tg: TracedGraph) -> set[torch.fx.Node]:
 
 
 def dense_nodes(tg: TracedGraph) -> list[torch.fx.Node]:
-    """conv / linear nodes whose weight is a state_dict tensor, in topological order."""
+    """conv / linear nodes whose weight is a state_dict tensor or computed from such tensors
+    alone (``weight_norm``), in topological order."""
     return [n for n in tg.graph.nodes if n.op == "call_function" and _packet(n) in _DENSE
-            and len(n.args) > 1 and getattr(n.args[1], "name", None) in tg.state_keys]
+            and weight_key(tg, n) is not None]
 
 
 def _is_residual_add(node: torch.fx.Node, data: set) -> bool:
