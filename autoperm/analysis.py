@@ -291,18 +291,10 @@ def _compile(tg: TracedGraph, strict: bool, hierarchical: bool = False) -> tuple
     for twin_graph in tg.twins:  # exported at a fixed batch: keep what holds at the other sizes too
         twin, _ = _compile(twin_graph, strict, hierarchical)
         spec, sites = keep_shared_groups(spec, sites, twin, (
-            f"the graph fixes the batch at {tg.static_batch} and this group differs at batch {_batch_of(twin_graph)} "
+            f"the graph fixes the batch at {tg.static_batch} and this group differs at batch {twin_graph.static_batch} "
             "(a reshape mixing the batch with features?), so it does not hold at every batch size"))
     if tg.static_batch is not None:
         spec.meta["static_batch"] = tg.static_batch
-        spec.meta["batch_checked"] = [tg.static_batch] + [_batch_of(t) for t in tg.twins]
+        spec.meta["batch_checked"] = [tg.static_batch] + [t.static_batch for t in tg.twins]
     return spec.validate(), sites
 
-
-def _batch_of(tg: TracedGraph) -> int | None:
-    for node in tg.graph.nodes:
-        if node.op == "placeholder" and node.name in tg.user_inputs:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.dim() > 0:
-                return int(val.shape[0])
-    return None

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._capture_checks import attribute_tensors, batch_reason, kept_caches, relaid_keys
-from ._args import as_inputs
+from ._args import as_inputs, check_module
 from .batch_twin import batch_size, grown_inputs, twin_sizes
 from ._copy import copy_module
 from ._split_stacked import split_stacked
@@ -172,8 +172,7 @@ def capture(model: nn.Module, example_inputs: Any) -> TracedGraph:
         tg = capture(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), torch.randn(2, 4))
         tg.state_keys   # {'p_0_weight': '0.weight', 'p_0_bias': '0.bias'}
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_module(model, "model")
     inputs = as_inputs(normalize_inputs(example_inputs), "example_inputs=")  # refuses an empty batch
     lazy = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if torch.nn.parameter.is_lazy(t)]
@@ -244,7 +243,6 @@ def _attach_twins(tg: TracedGraph, model: nn.Module, work: nn.Module, inputs) ->
     if batch is None:
         return
     tg.static_batch = batch
-    sizes: list[int] = []
     for size in twin_sizes(batch):
         more = grown_inputs(inputs, size)
         try:
@@ -263,13 +261,14 @@ def _attach_twins(tg: TracedGraph, model: nn.Module, work: nn.Module, inputs) ->
             log.warning("%s: every dim is frozen", why)
             tg.unrecorded.update({k: why for k in tg.state_keys.values()})
             return
-        tg.twins.append(_wrap(ep, model, False))
-        sizes.append(size)
+        twin = _wrap(ep, model, False)
+        twin.static_batch = size
+        tg.twins.append(twin)
         if len(tg.twins) == 2:
             break
     if tg.twins:
         log.info("the graph fixes the batch at %d: compiled again at batch %s to keep only groups that hold at all",
-                 batch, " and ".join(map(str, sizes)))
+                 batch, " and ".join(str(t.static_batch) for t in tg.twins))
     else:
         log.warning("the graph fixes the batch at %d and the model raises at every other batch size tried (%s): "
                     "the spec is checked at batch %d only", batch, twin_sizes(batch), batch)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import autoperm
+from helpers import random_batchnorms
 from autoperm import Axis, Frozen, PermutationSpec, ShapeMismatchError, SpecError
 from autoperm.cli import main
 from autoperm.viz import plot_curve, render_spec
@@ -336,7 +337,7 @@ def test_check_model_leaves_a_hand_written_spec_with_its_own_shapes_alone():
     from autoperm.spec import Axis, PermGroup, PermutationSpec
 
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    m = random_batchnorms(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval())
     axes = [Axis("0.weight", 0), Axis("0.bias", 0), Axis("1.weight", 0), Axis("1.bias", 0),
             Axis("1.running_mean", 0), Axis("1.running_var", 0), Axis("3.weight", 1)]
     shapes = {"0.weight": (8, 4), "0.bias": (8,), "1.weight": (8,), "1.bias": (8,), "1.running_mean": (8,),

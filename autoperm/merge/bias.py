@@ -41,7 +41,9 @@ __all__ = ["CountedLayer", "count_layers", "calibrate_biases", "remove_biases"]
 
 log = logging.getLogger(__name__)
 
-_DENSE = {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+# conv / linear ops with a weight (also `autoperm.rewrite.pfm`'s counted layers)
+DENSE_OPS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d",
+                       "conv_transpose2d", "conv_transpose3d"})
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def count_layers(tg: TracedGraph, preserved: Collection[str] = ()) -> list[Count
     for node in tg.graph.nodes:
         d = max((depth.get(n.name, 0) for n in node.all_input_nodes), default=0)
         args = node.args
-        weight = weight_key(tg, node) if _packet(node) in _DENSE else None
+        weight = weight_key(tg, node) if _packet(node) in DENSE_OPS else None
         dense = weight is not None
         if node.name in preserved:
             depth[node.name] = 1 if dense or d else 0

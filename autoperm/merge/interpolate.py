@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .._args import check_materialized
+from .._args import check_materialized, check_module
 from ..errors import SpecError
 
 __all__ = ["check_compatible", "interpolate_state", "average_states", "as_alpha"]
@@ -28,11 +28,7 @@ def check_compatible(model_a: nn.Module, model_b: nn.Module, names: tuple[str, s
     non-finite value (``names``: what to call the two models in the message)."""
     first, second = names
     for who, m in ((first, model_a), (second, model_b)):
-        if not isinstance(m, nn.Module):
-            hint = (" (a state_dict?): load it into a model first, e.g. m = Net(); m.load_state_dict(sd)"
-                    if isinstance(m, Mapping) else "")
-            raise TypeError(f"{who} must be a torch.nn.Module, got {type(m).__name__}{hint}")
-    for who, m in ((first, model_a), (second, model_b)):
+        check_module(m, who)
         check_materialized(m, who)
     _note_classes(model_a, model_b, names)
     sa, sb = model_a.state_dict(), model_b.state_dict()

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..merge.bias import weight_key
+from ..merge.bias import DENSE_OPS, weight_key
 from ..merge.normalize import reset_graph_batchnorm
 from ..frontend import TracedGraph
 from .emit import buffer_keys, emit, output_spec
@@ -55,8 +55,6 @@ __all__ = ["dense_nodes", "shortcut_projections", "counted_layers", "preserved_n
 
 log = logging.getLogger(__name__)
 
-_DENSE = {"linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d",
-          "conv_transpose3d"}
 _BN = "_native_batch_norm_legit_no_training"
 CONTEXTS = ("model_a", "model_b", "merged")
 
@@ -78,7 +76,7 @@ def data_nodes(tg: TracedGraph) -> set[torch.fx.Node]:
 def dense_nodes(tg: TracedGraph) -> list[torch.fx.Node]:
     """conv / linear nodes whose weight is a state_dict tensor or computed from such tensors
     alone (``weight_norm``), in topological order."""
-    return [n for n in tg.graph.nodes if n.op == "call_function" and _packet(n) in _DENSE
+    return [n for n in tg.graph.nodes if n.op == "call_function" and _packet(n) in DENSE_OPS
             and weight_key(tg, n) is not None]
 
 

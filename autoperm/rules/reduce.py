@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..ir import Constraint, Tie
 from .base import RuleContext, aten_ops, norm_dim, register_rule
+from .pointwise import broadcast_to_out
 
 
 def _dims(ctx: RuleContext, rank: int) -> list[int]:
@@ -94,20 +95,6 @@ for _n, _names in _SPATIAL.items():
     register_rule(*aten_ops(*_names), family="reduce")(_spatial(_n))
 
 
-def _carried(ctx: RuleContext, x: list[int], out: list[int], positions: list[int | None]) -> list[Constraint] | None:
-    """Tie x's dims to the output dims ``positions`` (None: not carried) as broadcasting does:
-    equal sizes tie, size 1 broadcasts; any other pairing returns None (the caller freezes)."""
-    cons: list[Constraint] = []
-    for a, p in zip(x, positions):
-        if p is None:
-            continue
-        if ctx.size(a) == ctx.size(out[p]):
-            cons.append(Tie(a, out[p]))
-        elif ctx.size(a) != 1:
-            return None
-    return cons
-
-
 @register_rule(*aten_ops("cosine_similarity"))
 def cosine_similarity(ctx: RuleContext) -> list[Constraint]:
     """Cosine similarity over ``dim``: a sum over that dim (of products and squares), symmetric
@@ -115,15 +102,12 @@ def cosine_similarity(ctx: RuleContext) -> list[Constraint]:
     x1, x2, out = ctx.atoms(ctx.arg("x1")), ctx.atoms(ctx.arg("x2")), ctx.out
     rank = max(len(x1), len(x2))
     d = norm_dim(ctx.arg("dim", 1), rank)
-    cons: list[Constraint] = []
-    contracted = []
-    for x in (x1, x2):
-        pos = [i + rank - len(x) for i in range(len(x))]
-        contracted += [a for a, p in zip(x, pos) if p == d and ctx.size(a) != 1]
-        got = _carried(ctx, x, out, [None if p == d else (p if p < d else p - 1) for p in pos])
-        if got is None or len(out) != rank - 1:
-            return ctx.freeze(x1 + x2 + out, "cosine similarity of shapes that do not broadcast")
-        cons += got
+    if len(out) != rank - 1:
+        return ctx.freeze(x1 + x2 + out, "cosine similarity of shapes that do not broadcast")
+    # each input without the compared dim stays right-aligned with the output
+    kept = [[a for i, a in enumerate(x) if i + rank - len(x) != d] for x in (x1, x2)]
+    contracted = [a for x in (x1, x2) for i, a in enumerate(x) if i + rank - len(x) == d and ctx.size(a) != 1]
+    cons = broadcast_to_out(ctx, kept, out)
     if len(contracted) == 2:
         if ctx.size(contracted[0]) != ctx.size(contracted[1]):
             return ctx.freeze(x1 + x2 + out, "cosine similarity of shapes that do not broadcast")
@@ -138,11 +122,5 @@ def cdist(ctx: RuleContext) -> list[Constraint]:
     x1, x2, out = ctx.atoms(ctx.arg("x1")), ctx.atoms(ctx.arg("x2")), ctx.out
     if len(x1) < 2 or len(x2) < 2 or ctx.size(x1[-1]) != ctx.size(x2[-1]):
         return ctx.freeze(x1 + x2 + out, "cdist of unexpected shapes")
-    cons: list[Constraint] = [Tie(x1[-1], x2[-1]), Tie(x1[-2], out[-2]), Tie(x2[-2], out[-1])]
-    for x in (x1, x2):
-        lead = x[:-2]
-        got = _carried(ctx, lead, out, [len(out) - 2 - len(lead) + i for i in range(len(lead))])
-        if got is None:
-            return ctx.freeze(x1 + x2 + out, "cdist of batch dims that do not broadcast")
-        cons += got
-    return cons
+    return [Tie(x1[-1], x2[-1]), Tie(x1[-2], out[-2]), Tie(x2[-2], out[-1])] + broadcast_to_out(
+        ctx, [x1[:-2], x2[:-2]], out[:-2])
